@@ -1,0 +1,98 @@
+package api
+
+import (
+	"errors"
+	"strings"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/kmsgate/kmsgate/appliance/tenants"
+)
+
+func (s *Server) mountAdmin(r fiber.Router) {
+	r.Post("/tenants", s.adminCreateTenant)
+	r.Get("/tenants", s.adminListTenants)
+	r.Post("/tenants/:id/keys", s.adminAddKey)
+	r.Post("/tenants/:id/revoke", s.adminRevoke)
+	r.Post("/credentials/:id/revoke", s.adminRevoke)
+}
+
+func (s *Server) adminCreateTenant(c *fiber.Ctx) error {
+	var req tenants.CreateTenantRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	if !tenants.ValidID(req.ID) {
+		return problem(fiber.StatusBadRequest, "invalid_tenant_id",
+			"tenant id must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit")
+	}
+	if err := tenants.ValidateRoles(req.Roles); err != nil {
+		return problem(fiber.StatusBadRequest, "invalid_roles", err.Error())
+	}
+	for _, id := range append(req.AllowedProviders, req.DefaultProvider) {
+		if id == "" {
+			continue
+		}
+		if _, err := s.Registry.Get(id); err != nil {
+			return err
+		}
+	}
+	res, err := s.Tenants.CreateTenant(c.UserContext(), req)
+	if errors.Is(err, tenants.ErrTenantExists) {
+		return problem(fiber.StatusConflict, "tenant_exists", "tenant "+req.ID+" already exists")
+	}
+	if err != nil {
+		return err
+	}
+	if s.OnTenantCreated != nil {
+		if err := s.OnTenantCreated(c.UserContext(), res.ID); err != nil {
+			s.log.Error("tenant bootstrap failed", "tenant", res.ID, "err", err)
+		}
+	}
+	return c.Status(fiber.StatusCreated).JSON(res)
+}
+
+func (s *Server) adminListTenants(c *fiber.Ctx) error {
+	ts, err := s.Tenants.List(c.UserContext())
+	if err != nil {
+		return err
+	}
+	if ts == nil {
+		ts = []tenants.TenantInfo{}
+	}
+	return c.JSON(ts)
+}
+
+type addKeyRequest struct {
+	Roles []string `json:"roles"`
+	Name  string   `json:"name"`
+}
+
+func (s *Server) adminAddKey(c *fiber.Ctx) error {
+	var req addKeyRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	if err := tenants.ValidateRoles(req.Roles); err != nil {
+		return problem(fiber.StatusBadRequest, "invalid_roles", err.Error())
+	}
+	res, err := s.Tenants.AddKey(c.UserContext(), strings.Clone(c.Params("id")), req.Roles, req.Name)
+	if err != nil {
+		return err
+	}
+	return c.Status(fiber.StatusCreated).JSON(res)
+}
+
+func (s *Server) adminRevoke(c *fiber.Ctx) error {
+	ids, err := s.Tenants.Revoke(c.UserContext(), strings.Clone(c.Params("id")))
+	if errors.Is(err, tenants.ErrCredNotFound) {
+		return problem(fiber.StatusNotFound, "not_found", err.Error())
+	}
+	if err != nil {
+		return err
+	}
+	if ids == nil {
+		ids = []string{}
+	}
+	return c.JSON(fiber.Map{"revoked": ids})
+}

@@ -1,0 +1,101 @@
+package api
+
+import (
+	"errors"
+	"strconv"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/providers"
+)
+
+// Problem is the error body of every failed request: a human message and a stable code that
+// clients can switch on.
+type Problem struct {
+	Error string `json:"error"`
+	Code  string `json:"code"`
+}
+
+// apiError is an error that already knows its HTTP status and code.
+type apiError struct {
+	status int
+	code   string
+	msg    string
+}
+
+func (e *apiError) Error() string { return e.msg }
+
+func problem(status int, code, msg string) error { return &apiError{status: status, code: code, msg: msg} }
+
+var kindStatus = map[providers.Kind]struct {
+	status int
+	code   string
+}{
+	providers.KindNotFound:     {fiber.StatusNotFound, "not_found"},
+	providers.KindNotSupported: {fiber.StatusMethodNotAllowed, "not_supported"},
+	providers.KindUnavailable:  {fiber.StatusServiceUnavailable, "unavailable"},
+	providers.KindThrottled:    {fiber.StatusServiceUnavailable, "throttled"},
+	providers.KindBadInput:     {fiber.StatusBadRequest, "bad_request"},
+	providers.KindConflict:     {fiber.StatusConflict, "conflict"},
+	providers.KindForbidden:    {fiber.StatusForbidden, "forbidden"},
+}
+
+// errorHandler turns any error into a JSON problem. Unclassified errors are logged with their cause
+// and answered with a generic 500: a backend's internals never reach the caller.
+func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
+	status, code, msg := fiber.StatusInternalServerError, "internal", "internal error"
+	var ae *apiError
+	var fe *fiber.Error
+	var pe *providers.Error
+	switch {
+	case errors.As(err, &ae):
+		status, code, msg = ae.status, ae.code, ae.msg
+	case errors.As(err, &pe) && pe.Kind != providers.KindInternal:
+		ks := kindStatus[pe.Kind]
+		status, code, msg = ks.status, ks.code, providers.PublicMessage(err)
+		if pe.Code != "" {
+			code = pe.Code
+		}
+		if ra := providers.RetryAfterOf(err); ra > 0 || pe.Kind == providers.KindThrottled || pe.Kind == providers.KindUnavailable {
+			secs := int(ra.Seconds() + 0.999)
+			if secs < 1 {
+				secs = 1
+			}
+			c.Set(fiber.HeaderRetryAfter, strconv.Itoa(secs))
+		}
+	case errors.Is(err, tenants.ErrTenantNotFound):
+		status, code, msg = fiber.StatusNotFound, "tenant_not_found", err.Error()
+	case errors.As(err, &fe):
+		status, msg = fe.Code, fe.Message
+		code = fiberCode(fe.Code)
+	default:
+		s.log.Error("request failed", "method", c.Method(), "route", c.Route().Path, "err", err)
+	}
+	return c.Status(status).JSON(Problem{Error: msg, Code: code})
+}
+
+func fiberCode(status int) string {
+	switch status {
+	case fiber.StatusNotFound:
+		return "route_not_found"
+	case fiber.StatusMethodNotAllowed:
+		return "method_not_allowed"
+	case fiber.StatusRequestEntityTooLarge:
+		return "body_too_large"
+	case fiber.StatusUnsupportedMediaType:
+		return "unsupported_media_type"
+	case fiber.StatusBadRequest:
+		return "bad_request"
+	case fiber.StatusRequestTimeout:
+		return "timeout"
+	case fiber.StatusUnauthorized:
+		return "unauthorized"
+	case fiber.StatusForbidden:
+		return "forbidden"
+	}
+	if status >= 500 {
+		return "internal"
+	}
+	return "error"
+}

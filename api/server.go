@@ -1,0 +1,195 @@
+// Package api is kmsgate's HTTP face: the remote-KMS contract EUDIPLO's http provider speaks
+// (/keys, /health), the key-chain API, the admin API and /metrics, on Fiber.
+package api
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/adaptor"
+	"github.com/gofiber/fiber/v2/middleware/recover"
+
+	"github.com/kmsgate/kmsgate/appliance/keys"
+	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/metrics"
+	"github.com/kmsgate/kmsgate/providers"
+)
+
+// DefaultBodyLimit bounds request bodies: the largest legitimate body is a key-chain import with a
+// certificate chain, well under 1 MiB.
+const DefaultBodyLimit = 1 << 20
+
+// HealthChecker reports provider health (cached by the appliance so probes cannot be amplified).
+type HealthChecker interface {
+	Check(ctx context.Context, ids []string) []providers.HealthReport
+}
+
+// TenantHook runs after a tenant is created (key-chain bootstrap).
+type TenantHook func(ctx context.Context, tenantID string) error
+
+// Deps are the services the API calls.
+type Deps struct {
+	Tenants         *tenants.Service
+	Keys            *keys.Service
+	Registry        *providers.Registry
+	Health          HealthChecker
+	Metrics         *metrics.Metrics
+	Logger          *slog.Logger
+	KeyChains       KeyChainService
+	OnTenantCreated TenantHook
+	BodyLimit       int
+}
+
+// Server holds the API's dependencies.
+type Server struct {
+	Deps
+	log *slog.Logger
+}
+
+const localPrincipal = "principal"
+
+// New builds the public app: contract face, key-chain API, admin API (admin credential), health
+// and metrics.
+func New(d Deps) *fiber.App {
+	s := &Server{Deps: d, log: d.Logger}
+	app := s.newApp()
+	app.Get("/metrics", adaptor.HTTPHandler(d.Metrics.Handler()))
+	app.Get("/healthz", func(c *fiber.Ctx) error { return c.JSON(fiber.Map{"ok": true}) })
+	app.Get("/health", s.optionalAuth, s.health)
+
+	k := app.Group("/keys", s.auth)
+	k.Post("/", s.requireRole(tenants.RoleManage), s.generate)
+	k.Get("/:kid", s.requireAnyRole(tenants.RoleSign, tenants.RoleManage), s.getKey)
+	k.Post("/:kid/sign", s.requireRole(tenants.RoleSign), s.sign)
+	k.Post("/:kid/import", s.requireRole(tenants.RoleManage), s.importKey)
+	k.Delete("/:kid", s.requireRole(tenants.RoleManage), s.deleteKey)
+
+	s.mountKeyChains(app)
+
+	adm := app.Group("/admin", s.auth, s.requireRole(tenants.RoleAdmin))
+	s.mountAdmin(adm)
+	app.Use(func(c *fiber.Ctx) error {
+		return problem(fiber.StatusNotFound, "route_not_found", "no route "+c.Method()+" "+c.Path())
+	})
+	return app
+}
+
+// NewAdmin builds the app served on the local admin socket: admin routes only, and every request is
+// an admin (the socket's file permissions are the authentication).
+func NewAdmin(d Deps) *fiber.App {
+	s := &Server{Deps: d, log: d.Logger}
+	app := s.newApp()
+	adm := app.Group("/admin", func(c *fiber.Ctx) error {
+		c.Locals(localPrincipal, &tenants.Principal{CredentialID: "local-socket", Roles: []string{tenants.RoleAdmin}})
+		return c.Next()
+	})
+	s.mountAdmin(adm)
+	return app
+}
+
+func (s *Server) newApp() *fiber.App {
+	limit := s.BodyLimit
+	if limit == 0 {
+		limit = DefaultBodyLimit
+	}
+	app := fiber.New(fiber.Config{
+		AppName:               "kmsgate",
+		DisableStartupMessage: true,
+		BodyLimit:             limit,
+		ReadTimeout:           30 * time.Second,
+		WriteTimeout:          30 * time.Second,
+		IdleTimeout:           120 * time.Second,
+		ErrorHandler:          s.errorHandler,
+		StrictRouting:         false,
+		CaseSensitive:         true,
+		ReadBufferSize:        8192,
+	})
+	app.Use(recover.New())
+	app.Use(s.observe)
+	return app
+}
+
+// observe records request metrics by route template, never by raw path (kids would explode the
+// series count).
+func (s *Server) observe(c *fiber.Ctx) error {
+	start := time.Now()
+	err := c.Next()
+	status := c.Response().StatusCode()
+	if err != nil {
+		// The error handler has not run yet; derive the status it will produce.
+		if herr := s.errorHandler(c, err); herr == nil {
+			err = nil
+		}
+		status = c.Response().StatusCode()
+	}
+	route := c.Route().Path
+	if status == fiber.StatusNotFound && (route == "/" || route == "") {
+		route = "unmatched"
+	}
+	method := metrics.HTTPMethod(c.Method())
+	s.Metrics.HTTPRequests.WithLabelValues(route, method, metrics.StatusCode(status)).Inc()
+	s.Metrics.HTTPDuration.WithLabelValues(route, method).Observe(time.Since(start).Seconds())
+	return err
+}
+
+// apiKeyFrom reads "Authorization: Bearer <key>" or "x-api-key: <key>".
+func apiKeyFrom(c *fiber.Ctx) string {
+	if h := c.Get(fiber.HeaderAuthorization); h != "" {
+		if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
+			return strings.TrimSpace(h[7:])
+		}
+		return ""
+	}
+	return c.Get("X-Api-Key")
+}
+
+func (s *Server) auth(c *fiber.Ctx) error {
+	key := apiKeyFrom(c)
+	if key == "" {
+		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="kmsgate"`)
+		return problem(fiber.StatusUnauthorized, "unauthorized", "missing API key: send Authorization: Bearer <key> or x-api-key")
+	}
+	p, err := s.Tenants.Authenticate(key)
+	if err != nil {
+		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="kmsgate", error="invalid_token"`)
+		return problem(fiber.StatusUnauthorized, "unauthorized", "invalid or revoked API key")
+	}
+	c.Locals(localPrincipal, p)
+	return c.Next()
+}
+
+// optionalAuth authenticates when a key is sent (a wrong key is still a 401) and lets anonymous
+// callers through, for /health.
+func (s *Server) optionalAuth(c *fiber.Ctx) error {
+	if apiKeyFrom(c) == "" && c.Get(fiber.HeaderAuthorization) == "" {
+		return c.Next()
+	}
+	return s.auth(c)
+}
+
+func principal(c *fiber.Ctx) *tenants.Principal {
+	p, _ := c.Locals(localPrincipal).(*tenants.Principal)
+	return p
+}
+
+func (s *Server) requireRole(role string) fiber.Handler {
+	return s.requireAnyRole(role)
+}
+
+func (s *Server) requireAnyRole(roles ...string) fiber.Handler {
+	return func(c *fiber.Ctx) error {
+		p := principal(c)
+		for _, r := range roles {
+			if p != nil && p.Has(r) {
+				if r != tenants.RoleAdmin && p.TenantID == "" {
+					break
+				}
+				return c.Next()
+			}
+		}
+		return problem(fiber.StatusForbidden, "forbidden", "this API key lacks the "+strings.Join(roles, " or ")+" role")
+	}
+}

@@ -1,0 +1,248 @@
+// Package appliance wires kmsgate together: configuration, the sealed store, the provider
+// registry, the services and the HTTP listeners, and runs them until a signal asks it to drain.
+package appliance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/kmsgate/kmsgate/api"
+	"github.com/kmsgate/kmsgate/appliance/config"
+	"github.com/kmsgate/kmsgate/appliance/keys"
+	"github.com/kmsgate/kmsgate/appliance/seal"
+	"github.com/kmsgate/kmsgate/appliance/store"
+	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/metrics"
+	"github.com/kmsgate/kmsgate/providers"
+)
+
+// Options configure one appliance instance.
+type Options struct {
+	Listen        string
+	ConfigDir     string
+	DataDir       string
+	Dev           bool
+	MasterKeyEnv  string
+	MasterKeyFile string
+	CredsDir      string
+	AdminSocket   string // "" = <data-dir>/admin.sock; "-" disables it
+	PublicURL     string
+	Version       string
+	Commit        string
+	Logger        *slog.Logger
+	Out           io.Writer // where dev-mode banners go
+	Lookup        config.LookupFunc
+	ShutdownGrace time.Duration
+}
+
+// Appliance is a running kmsgate.
+type Appliance struct {
+	opts     Options
+	log      *slog.Logger
+	kms      *config.KMS
+	store    *store.Store
+	sealer   *seal.Sealer
+	registry *providers.Registry
+	metrics  *metrics.Metrics
+	tenants  *tenants.Service
+	keys     *keys.Service
+	health   *healthMonitor
+	app      *fiber.App
+	admin    *fiber.App
+
+	onTenantCreated api.TenantHook
+}
+
+// DBDir is where Badger lives under the data dir.
+func DBDir(dataDir string) string { return filepath.Join(dataDir, "db") }
+
+// SocketPath is the admin socket path for opts.
+func (o Options) SocketPath() string {
+	if o.AdminSocket == "" {
+		return filepath.Join(o.DataDir, "admin.sock")
+	}
+	return o.AdminSocket
+}
+
+// masterKeyCheck is a sealed constant stored once, so a wrong master key is caught at start-up with
+// a clear message instead of failing on the first signature.
+const masterKeyCheck = "kmsgate master key check"
+
+// Open builds the appliance: config, master key, store, providers, services.
+func Open(ctx context.Context, o Options) (*Appliance, error) {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	}
+	if o.Lookup == nil {
+		o.Lookup = os.LookupEnv
+	}
+	if o.Out == nil {
+		o.Out = os.Stderr
+	}
+	a := &Appliance{opts: o, log: o.Logger}
+	kms, err := config.LoadKMS(o.ConfigDir, o.Lookup)
+	if err != nil {
+		return nil, err
+	}
+	a.kms = kms
+	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	key, src, err := seal.LoadKey(seal.LoadOptions{EnvValue: o.MasterKeyEnv, File: o.MasterKeyFile, CredsDir: o.CredsDir,
+		DataDir: o.DataDir, DevMode: o.Dev, Generated: func(p string) {
+			a.log.Warn("DEVELOPMENT MODE: generated a master key on disk next to the data; never use this in production",
+				"path", p)
+		}})
+	if err != nil {
+		return nil, err
+	}
+	a.log.Info("master key loaded", "source", string(src))
+	if a.sealer, err = seal.New(key); err != nil {
+		return nil, err
+	}
+	clear(key)
+	if a.store, err = store.Open(DBDir(o.DataDir), store.Options{Logger: o.Logger}); err != nil {
+		return nil, err
+	}
+	if err := a.checkMasterKey(ctx); err != nil {
+		a.store.Close()
+		return nil, err
+	}
+	a.metrics = metrics.New(o.Version, o.Commit)
+	a.registry, err = providers.NewRegistry(ctx, kms.Providers, kms.DefaultProvider, a.factories())
+	if err != nil {
+		a.store.Close()
+		return nil, err
+	}
+	a.registerProviderMetrics()
+	if a.tenants, err = tenants.New(ctx, a.store); err != nil {
+		a.Close()
+		return nil, err
+	}
+	a.keys = keys.New(a.store, a.registry, a.metrics, a.log)
+	a.health = newHealthMonitor(a.registry, a.metrics)
+	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
+		Logger: a.log}
+	a.app = api.New(deps)
+	a.admin = api.NewAdmin(deps)
+	return a, nil
+}
+
+func (a *Appliance) checkMasterKey(ctx context.Context) error {
+	var sealed []byte
+	aad := seal.AAD("check", "", "")
+	err := a.store.Get(ctx, store.MetaKey("master-key-check"), &sealed)
+	if errors.Is(err, store.ErrNotFound) {
+		s, err := a.sealer.Seal([]byte(masterKeyCheck), aad)
+		if err != nil {
+			return err
+		}
+		return a.store.Put(ctx, store.MetaKey("master-key-check"), s)
+	}
+	if err != nil {
+		return err
+	}
+	if _, err := a.sealer.Open(sealed, aad); err != nil {
+		return errors.New("the master key does not match the one this data directory was created with: " +
+			"start with the original KMSGATE_MASTER_KEY / master-key file")
+	}
+	return nil
+}
+
+// App is the public HTTP app (tests drive it with app.Test).
+func (a *Appliance) App() *fiber.App { return a.app }
+
+// Tenants exposes the tenant service (dev bootstrap, tests).
+func (a *Appliance) Tenants() *tenants.Service { return a.tenants }
+
+// Registry exposes the providers.
+func (a *Appliance) Registry() *providers.Registry { return a.registry }
+
+// Run serves until ctx is cancelled, then drains in-flight requests.
+func (a *Appliance) Run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", a.opts.Listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", a.opts.Listen, err)
+	}
+	return a.Serve(ctx, ln)
+}
+
+// Serve serves on ln until ctx is cancelled.
+func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
+	bg, stopBG := context.WithCancel(context.Background())
+	defer stopBG()
+	go a.health.run(bg, 15*time.Second)
+	go a.gcLoop(bg)
+
+	errc := make(chan error, 2)
+	var sockLn net.Listener
+	if a.opts.AdminSocket != "-" {
+		p := a.opts.SocketPath()
+		_ = os.Remove(p) // a stale socket from a crash; Badger's lock already proved we are alone
+		l, err := net.Listen("unix", p)
+		if err != nil {
+			return fmt.Errorf("admin socket %s: %w", p, err)
+		}
+		if err := os.Chmod(p, 0o600); err != nil {
+			l.Close()
+			return fmt.Errorf("admin socket permissions: %w", err)
+		}
+		sockLn = l
+		go func() { errc <- a.admin.Listener(l) }()
+	}
+	a.log.Info("kmsgate serving", "listen", ln.Addr().String(), "providers", a.registry.IDs(),
+		"defaultProvider", a.registry.DefaultID(), "version", a.opts.Version)
+	go func() { errc <- a.app.Listener(ln) }()
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		if err != nil {
+			return fmt.Errorf("http server: %w", err)
+		}
+	}
+	grace := a.opts.ShutdownGrace
+	if grace == 0 {
+		grace = 30 * time.Second
+	}
+	a.log.Info("shutting down: draining in-flight requests", "grace", grace.String())
+	err := a.app.ShutdownWithTimeout(grace)
+	if sockLn != nil {
+		_ = a.admin.ShutdownWithTimeout(grace)
+		_ = os.Remove(a.opts.SocketPath())
+	}
+	return err
+}
+
+func (a *Appliance) gcLoop(ctx context.Context) {
+	t := time.NewTicker(10 * time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			a.store.RunGC()
+		}
+	}
+}
+
+// Close releases providers and the store.
+func (a *Appliance) Close() error {
+	var errs []error
+	if a.registry != nil {
+		errs = append(errs, a.registry.Close())
+	}
+	if a.store != nil {
+		errs = append(errs, a.store.Close())
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,366 @@
+package appliance
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kmsgate/kmsgate/appliance/config"
+	"github.com/kmsgate/kmsgate/appliance/store"
+	"github.com/kmsgate/kmsgate/appliance/tenants"
+)
+
+// BuildInfo is stamped into the binary by the linker.
+type BuildInfo struct {
+	Version string
+	Commit  string
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func envBool(name string) bool {
+	v := strings.ToLower(os.Getenv(name))
+	return v == "1" || v == "true" || v == "yes"
+}
+
+// globalFlags are shared by every command that touches config or data.
+type globalFlags struct {
+	configDir string
+	dataDir   string
+	logLevel  string
+}
+
+// NewRootCmd builds the kmsgate command tree.
+func NewRootCmd(bi BuildInfo) *cobra.Command {
+	g := &globalFlags{}
+	root := &cobra.Command{
+		Use:           "kmsgate",
+		Short:         "PKCS#11-first HSM signing gateway with one HTTP API over every key backend",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&g.configDir, "config-dir", envOr("KMSGATE_CONFIG_DIR", "/etc/kmsgate"),
+		"directory holding kms.json and <tenant>/key-chains/ (env KMSGATE_CONFIG_DIR)")
+	root.PersistentFlags().StringVar(&g.dataDir, "data-dir", envOr("KMSGATE_DATA_DIR", "/var/lib/kmsgate"),
+		"directory of the embedded store (env KMSGATE_DATA_DIR)")
+	root.PersistentFlags().StringVar(&g.logLevel, "log-level", envOr("KMSGATE_LOG_LEVEL", "info"), "debug, info, warn or error")
+	loadKMS := func() (*config.KMS, error) { return config.LoadKMS(g.configDir, os.LookupEnv) }
+	root.AddCommand(newServeCmd(g, bi), newVersionCmd(bi), newConfigCmd(loadKMS), newTenantCmd(g), newAdminCmd(g))
+	return root
+}
+
+func (g *globalFlags) logger(w io.Writer) *slog.Logger {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
+		lvl = slog.LevelInfo
+	}
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: lvl}))
+}
+
+func newVersionCmd(bi BuildInfo) *cobra.Command {
+	return &cobra.Command{Use: "version", Short: "Print the version", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			_, err := fmt.Fprintf(cmd.OutOrStdout(), "kmsgate %s (commit %s)\n", bi.Version, bi.Commit)
+			return err
+		}}
+}
+
+func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
+	o := Options{}
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the signing gateway",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			o.ConfigDir, o.DataDir = g.configDir, g.dataDir
+			o.Version, o.Commit = bi.Version, bi.Commit
+			o.Logger = g.logger(cmd.ErrOrStderr())
+			o.Out = cmd.OutOrStdout()
+			o.MasterKeyEnv = os.Getenv("KMSGATE_MASTER_KEY")
+			o.CredsDir = os.Getenv("CREDENTIALS_DIRECTORY")
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			a, err := Open(ctx, o)
+			if err != nil {
+				return err
+			}
+			defer a.Close()
+			if o.Dev {
+				if err := a.devBootstrap(ctx); err != nil {
+					return err
+				}
+			}
+			return a.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Listen, "listen", envOr("KMSGATE_LISTEN", "127.0.0.1:8080"), "address to serve HTTP on (env KMSGATE_LISTEN)")
+	f.BoolVar(&o.Dev, "dev", envBool("KMSGATE_DEV"), "development mode: generate a master key in the data dir and a dev tenant (env KMSGATE_DEV)")
+	f.StringVar(&o.MasterKeyFile, "master-key-file", os.Getenv("KMSGATE_MASTER_KEY_FILE"), "file holding the base64 master key (env KMSGATE_MASTER_KEY_FILE)")
+	f.StringVar(&o.AdminSocket, "admin-socket", os.Getenv("KMSGATE_ADMIN_SOCKET"), `admin Unix socket (default <data-dir>/admin.sock; "-" disables it)`)
+	f.StringVar(&o.PublicURL, "public-url", envOr("KMSGATE_PUBLIC_URL", "http://localhost:8080"), "public URL whose host goes into certificate SANs (env KMSGATE_PUBLIC_URL)")
+	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
+	return cmd
+}
+
+// devBootstrap creates the dev tenant once and prints its API key, which is kept in the data dir
+// so that every `make run` prints the same key.
+func (a *Appliance) devBootstrap(ctx context.Context) error {
+	keyFile := filepath.Join(a.opts.DataDir, "dev-api-key")
+	if _, err := a.tenants.Tenant(ctx, "dev"); errors.Is(err, tenants.ErrTenantNotFound) {
+		res, err := a.tenants.CreateTenant(ctx, tenants.CreateTenantRequest{ID: "dev", Name: "Development Tenant",
+			Roles: []string{tenants.RoleManage, tenants.RoleSign, tenants.RoleExport}})
+		if err != nil {
+			return fmt.Errorf("create dev tenant: %w", err)
+		}
+		if err := os.WriteFile(keyFile, []byte(res.APIKey+"\n"), 0o600); err != nil {
+			return fmt.Errorf("write dev api key: %w", err)
+		}
+		if a.onTenantCreated != nil {
+			if err := a.onTenantCreated(ctx, "dev"); err != nil {
+				a.log.Error("dev tenant bootstrap failed", "err", err)
+			}
+		}
+	} else if err != nil {
+		return err
+	}
+	key, err := os.ReadFile(keyFile)
+	if err != nil {
+		return fmt.Errorf("dev tenant exists but %s is unreadable: %w", keyFile, err)
+	}
+	fmt.Fprintf(a.opts.Out, "\n*** kmsgate DEVELOPMENT MODE ***\n  tenant:  dev\n  API key: %s  (also in %s)\n  listen:  http://%s\n\n",
+		strings.TrimSpace(string(key)), keyFile, a.opts.Listen)
+	return nil
+}
+
+func newConfigCmd(loadKMS func() (*config.KMS, error)) *cobra.Command {
+	c := &cobra.Command{Use: "config", Short: "Inspect configuration"}
+	c.AddCommand(&cobra.Command{Use: "check", Short: "Validate kms.json and print the effective config, secrets redacted",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			k, err := loadKMS()
+			if err != nil {
+				return err
+			}
+			b, err := k.Redacted()
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s\nconfig OK\n", b)
+			return err
+		}})
+	return c
+}
+
+// adminClient talks to a running server's admin socket, or reports that none is listening.
+type adminClient struct{ http *http.Client }
+
+func dialAdmin(socket string) (*adminClient, bool) {
+	conn, err := net.DialTimeout("unix", socket, time.Second)
+	if err != nil {
+		return nil, false
+	}
+	conn.Close()
+	return &adminClient{http: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		}}}}, true
+}
+
+func (c *adminClient) do(method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, "http://kmsgate"+path, rd)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("admin socket: %w", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode >= 300 {
+		var p struct{ Error, Code string }
+		if json.Unmarshal(b, &p) == nil && p.Error != "" {
+			return fmt.Errorf("%s (%s)", p.Error, p.Code)
+		}
+		return fmt.Errorf("admin socket: HTTP %d", resp.StatusCode)
+	}
+	return json.Unmarshal(b, out)
+}
+
+// withOffline opens the store directly when no server is running on this data dir.
+func withOffline(g *globalFlags, fn func(ctx context.Context, ts *tenants.Service) error) error {
+	st, err := store.Open(DBDir(g.dataDir), store.Options{Logger: g.logger(io.Discard)})
+	if errors.Is(err, store.ErrLocked) {
+		return fmt.Errorf("%w, but its admin socket is not reachable: pass --data-dir of the running server "+
+			"or check the socket's permissions", err)
+	}
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	ctx := context.Background()
+	ts, err := tenants.New(ctx, st)
+	if err != nil {
+		return err
+	}
+	return fn(ctx, ts)
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newTenantCmd(g *globalFlags) *cobra.Command {
+	var socket string
+	c := &cobra.Command{Use: "tenant", Short: "Manage tenants and their API keys (through the running server's admin socket, or directly on a stopped data dir)"}
+	c.PersistentFlags().StringVar(&socket, "admin-socket", os.Getenv("KMSGATE_ADMIN_SOCKET"), "admin socket (default <data-dir>/admin.sock)")
+	sock := func() string { return Options{DataDir: g.dataDir, AdminSocket: socket}.SocketPath() }
+
+	var name, roles, allowed, defProv string
+	create := &cobra.Command{Use: "create ID", Short: "Create a tenant and print its API key (shown once)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := tenants.CreateTenantRequest{ID: args[0], Name: name, DefaultProvider: defProv}
+			if roles != "" {
+				req.Roles = strings.Split(roles, ",")
+			}
+			if allowed != "" {
+				req.AllowedProviders = strings.Split(allowed, ",")
+			}
+			var res tenants.CreateTenantResult
+			if cl, ok := dialAdmin(sock()); ok {
+				if err := cl.do(http.MethodPost, "/admin/tenants", req, &res); err != nil {
+					return err
+				}
+			} else if err := withOffline(g, func(ctx context.Context, ts *tenants.Service) error {
+				r, err := ts.CreateTenant(ctx, req)
+				if err == nil {
+					res = *r
+				}
+				return err
+			}); err != nil {
+				return err
+			}
+			return printJSON(cmd.OutOrStdout(), map[string]any{"id": res.ID, "apiKey": res.APIKey, "roles": res.Roles})
+		}}
+	create.Flags().StringVar(&name, "name", "", "display name (goes into certificate subjects; default: the id)")
+	create.Flags().StringVar(&roles, "roles", "", "comma-separated roles of the key: manage,sign,export (default manage,sign)")
+	create.Flags().StringVar(&allowed, "providers", "", "comma-separated provider ids the tenant may use (default: all)")
+	create.Flags().StringVar(&defProv, "default-provider", "", "the tenant's default provider id")
+
+	list := &cobra.Command{Use: "list", Short: "List tenants and their credential ids", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var res []tenants.TenantInfo
+			if cl, ok := dialAdmin(sock()); ok {
+				if err := cl.do(http.MethodGet, "/admin/tenants", nil, &res); err != nil {
+					return err
+				}
+			} else if err := withOffline(g, func(ctx context.Context, ts *tenants.Service) error {
+				var err error
+				res, err = ts.List(ctx)
+				return err
+			}); err != nil {
+				return err
+			}
+			if res == nil {
+				res = []tenants.TenantInfo{}
+			}
+			return printJSON(cmd.OutOrStdout(), res)
+		}}
+
+	revoke := &cobra.Command{Use: "revoke TENANT|CREDENTIAL_ID", Short: "Revoke all API keys of a tenant, or one key by its credential id",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var res struct {
+				Revoked []string `json:"revoked"`
+			}
+			if cl, ok := dialAdmin(sock()); ok {
+				if err := cl.do(http.MethodPost, "/admin/tenants/"+args[0]+"/revoke", map[string]any{}, &res); err != nil {
+					return err
+				}
+			} else if err := withOffline(g, func(ctx context.Context, ts *tenants.Service) error {
+				var err error
+				res.Revoked, err = ts.Revoke(ctx, args[0])
+				return err
+			}); err != nil {
+				return err
+			}
+			return printJSON(cmd.OutOrStdout(), res)
+		}}
+
+	var keyRoles string
+	addKey := &cobra.Command{Use: "add-key TENANT", Short: "Mint another API key for a tenant", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var rs []string
+			if keyRoles != "" {
+				rs = strings.Split(keyRoles, ",")
+			}
+			var res tenants.NewKeyResult
+			if cl, ok := dialAdmin(sock()); ok {
+				if err := cl.do(http.MethodPost, "/admin/tenants/"+args[0]+"/keys", map[string]any{"roles": rs}, &res); err != nil {
+					return err
+				}
+			} else if err := withOffline(g, func(ctx context.Context, ts *tenants.Service) error {
+				r, err := ts.AddKey(ctx, args[0], rs, "")
+				if err == nil {
+					res = *r
+				}
+				return err
+			}); err != nil {
+				return err
+			}
+			return printJSON(cmd.OutOrStdout(), res)
+		}}
+	addKey.Flags().StringVar(&keyRoles, "roles", "", "comma-separated roles (default manage,sign)")
+	c.AddCommand(create, list, revoke, addKey)
+	return c
+}
+
+func newAdminCmd(g *globalFlags) *cobra.Command {
+	c := &cobra.Command{Use: "admin", Short: "Administrator credentials"}
+	c.AddCommand(&cobra.Command{Use: "create-key", Short: "Mint an admin API key for the /admin HTTP API (run on a stopped data dir)",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return withOffline(g, func(ctx context.Context, ts *tenants.Service) error {
+				r, err := ts.AddKey(ctx, "", nil, "admin")
+				if err != nil {
+					return err
+				}
+				return printJSON(cmd.OutOrStdout(), r)
+			})
+		}})
+	return c
+}

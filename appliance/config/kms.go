@@ -1,0 +1,197 @@
+// Package config loads kms.json: the provider list with its placeholders, validated strictly so
+// that a typo stops the appliance at start-up instead of surfacing on the first signature.
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/kmsgate/kmsgate/providers"
+)
+
+// FileName is the provider configuration file inside the config directory.
+const FileName = "kms.json"
+
+// KMS is the effective provider configuration.
+type KMS struct {
+	DefaultProvider string
+	Providers       []providers.Config
+	// Source is the file it was read from, or "" for the built-in default.
+	Source string
+}
+
+type fileShape struct {
+	DefaultProvider *string           `json:"defaultProvider"`
+	Providers       []json.RawMessage `json:"providers"`
+}
+
+// knownTypes are the provider types kmsgate implements.
+var knownTypes = map[string]bool{providers.TypeDB: true, providers.TypePKCS11: true,
+	providers.TypeVault: true, providers.TypeAWSKMS: true, providers.TypeHTTP: true}
+
+// Default is the configuration used when there is no kms.json: a single db provider.
+func Default() *KMS {
+	return &KMS{DefaultProvider: "db", Providers: []providers.Config{dbEntry()}}
+}
+
+func dbEntry() providers.Config {
+	return providers.Config{ID: "db", Type: providers.TypeDB, Description: "Keys sealed in the embedded store",
+		Raw: json.RawMessage(`{"id":"db","type":"db","description":"Keys sealed in the embedded store"}`)}
+}
+
+// LoadKMS reads <dir>/kms.json. A missing file yields Default().
+func LoadKMS(dir string, lookup LookupFunc) (*KMS, error) {
+	path := filepath.Join(dir, FileName)
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) || dir == "" {
+		return Default(), nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	k, err := ParseKMS(data, lookup)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	k.Source = path
+	return k, nil
+}
+
+// ParseKMS parses and validates kms.json content.
+func ParseKMS(data []byte, lookup LookupFunc) (*KMS, error) {
+	var f fileShape
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		return nil, fmt.Errorf("invalid kms.json: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("invalid kms.json: trailing data after the top-level object")
+	}
+	k := &KMS{DefaultProvider: "db"}
+	if f.DefaultProvider != nil {
+		dp, err := ExpandString(*f.DefaultProvider, lookup)
+		if err != nil {
+			return nil, fmt.Errorf("field defaultProvider: %w", err)
+		}
+		k.DefaultProvider = dp
+	}
+	seen := map[string]bool{}
+	for i, raw := range f.Providers {
+		var tree map[string]any
+		if err := json.Unmarshal(raw, &tree); err != nil {
+			return nil, fmt.Errorf("providers[%d]: must be an object: %w", i, err)
+		}
+		id, _ := tree["id"].(string)
+		typ, _ := tree["type"].(string)
+		if id == "" {
+			return nil, fmt.Errorf("providers[%d]: field \"id\" is required and must be a non-empty string", i)
+		}
+		if typ == "" {
+			return nil, fmt.Errorf("provider %q: field \"type\" is required and must be a string", id)
+		}
+		if !knownTypes[typ] {
+			return nil, fmt.Errorf("provider %q: field \"type\": unknown type %q (known: db, pkcs11, vault, aws-kms, http)", id, typ)
+		}
+		if seen[id] {
+			return nil, fmt.Errorf("providers[%d]: field \"id\": duplicate provider id %q", i, id)
+		}
+		seen[id] = true
+		if d, ok := tree["description"]; ok {
+			if _, isStr := d.(string); !isStr {
+				return nil, fmt.Errorf("provider %q: field \"description\" must be a string", id)
+			}
+		}
+		expanded, err := ExpandTree(tree, lookup)
+		if err != nil {
+			return nil, fmt.Errorf("provider %q: field %w", id, err)
+		}
+		em := expanded.(map[string]any)
+		out, err := json.Marshal(em)
+		if err != nil {
+			return nil, fmt.Errorf("provider %q: %w", id, err)
+		}
+		desc, _ := em["description"].(string)
+		k.Providers = append(k.Providers, providers.Config{ID: id, Type: typ, Description: desc, Raw: out})
+	}
+	if !seen["db"] {
+		k.Providers = append(k.Providers, dbEntry())
+	} else {
+		for _, p := range k.Providers {
+			if p.ID == "db" && p.Type != providers.TypeDB {
+				return nil, fmt.Errorf("provider \"db\": field \"type\": the id \"db\" is reserved for the built-in db provider, got type %q", p.Type)
+			}
+		}
+	}
+	if !seen[k.DefaultProvider] && k.DefaultProvider != "db" {
+		return nil, fmt.Errorf("field defaultProvider: %q names no configured provider (configured: %s)",
+			k.DefaultProvider, strings.Join(ids(k.Providers), ", "))
+	}
+	return k, nil
+}
+
+func ids(ps []providers.Config) []string {
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		out[i] = p.ID
+	}
+	return out
+}
+
+// secretFields are provider fields whose values are never printed.
+var secretFields = map[string]bool{"pin": true, "vaulttoken": true, "secretaccesskey": true, "apikey": true,
+	"token": true, "clientsecret": true, "password": true, "accesskeyid": true, "sessiontoken": true}
+
+// Redacted returns the effective configuration as JSON with every secret replaced by "<redacted>".
+func (k *KMS) Redacted() ([]byte, error) {
+	type out struct {
+		Source          string `json:"source"`
+		DefaultProvider string `json:"defaultProvider"`
+		Providers       []any  `json:"providers"`
+	}
+	o := out{Source: k.Source, DefaultProvider: k.DefaultProvider}
+	if o.Source == "" {
+		o.Source = "(built-in default: no kms.json)"
+	}
+	for _, p := range k.Providers {
+		var tree any
+		if err := json.Unmarshal(p.Raw, &tree); err != nil {
+			return nil, err
+		}
+		o.Providers = append(o.Providers, redact(tree))
+	}
+	return json.MarshalIndent(o, "", "  ")
+}
+
+func redact(v any) any {
+	switch t := v.(type) {
+	case map[string]any:
+		m := make(map[string]any, len(t))
+		for k, e := range t {
+			if secretFields[strings.ToLower(k)] {
+				if s, ok := e.(string); ok && s == "" {
+					m[k] = ""
+				} else {
+					m[k] = "<redacted>"
+				}
+				continue
+			}
+			m[k] = redact(e)
+		}
+		return m
+	case []any:
+		out := make([]any, len(t))
+		for i, e := range t {
+			out[i] = redact(e)
+		}
+		return out
+	default:
+		return v
+	}
+}

@@ -1,0 +1,68 @@
+package store
+
+import (
+	"time"
+
+	"github.com/kmsgate/kmsgate/providers/keyutil"
+)
+
+// Key prefixes. Tenant-scoped records put the tenant first so a tenant's records list together,
+// separated by NUL, which cannot occur in ids (ids are validated before they reach the store).
+const (
+	prefixTenant     = "tenant/"
+	prefixCredential = "cred/"
+	prefixKey        = "key/"
+	prefixMeta       = "meta/"
+)
+
+// TenantKey, CredentialKey, KeyRecordKey and MetaKey build record keys.
+func TenantKey(id string) string     { return prefixTenant + id }
+func CredentialKey(id string) string { return prefixCredential + id }
+func KeyRecordKey(tenant, kid string) string {
+	return prefixKey + tenant + "\x00" + kid
+}
+func KeyRecordPrefix(tenant string) string { return prefixKey + tenant + "\x00" }
+func MetaKey(name string) string           { return prefixMeta + name }
+
+// TenantPrefix and CredentialPrefix are the list prefixes.
+const (
+	TenantPrefix     = prefixTenant
+	CredentialPrefix = prefixCredential
+)
+
+// Tenant is an isolated namespace of keys and key chains.
+type Tenant struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	// Providers the tenant may use; empty means every configured provider.
+	AllowedProviders []string  `json:"allowedProviders,omitempty"`
+	DefaultProvider  string    `json:"defaultProvider,omitempty"`
+	CreatedAt        time.Time `json:"createdAt"`
+}
+
+// Credential is an API key. Only the SHA-256 of its secret is stored.
+type Credential struct {
+	ID              string     `json:"id"`
+	TenantID        string     `json:"tenantId,omitempty"` // empty for admin credentials
+	Name            string     `json:"name,omitempty"`
+	SecretHash      []byte     `json:"secretHash"`
+	Roles           []string   `json:"roles"`
+	DefaultProvider string     `json:"defaultProvider,omitempty"`
+	CreatedAt       time.Time  `json:"createdAt"`
+	RevokedAt       *time.Time `json:"revokedAt,omitempty"`
+}
+
+// KeyRecord is the stub entity of a key on the remote-KMS contract face: the provider's reference
+// and the cached public key. Material is the provider's opaque blob (sealed for db).
+type KeyRecord struct {
+	Tenant     string      `json:"tenant"`
+	KID        string      `json:"kid"`
+	ProviderID string      `json:"providerId"`
+	ExternalID string      `json:"externalId,omitempty"`
+	Alg        string      `json:"alg"`
+	PublicJWK  keyutil.JWK `json:"publicJwk"`
+	Material   []byte      `json:"material,omitempty"`
+	Imported   bool        `json:"imported,omitempty"`
+	CreatedAt  time.Time   `json:"createdAt"`
+	UpdatedAt  time.Time   `json:"updatedAt"`
+}
