@@ -26,7 +26,9 @@ type apiError struct {
 
 func (e *apiError) Error() string { return e.msg }
 
-func problem(status int, code, msg string) error { return &apiError{status: status, code: code, msg: msg} }
+func problem(status int, code, msg string) error {
+	return &apiError{status: status, code: code, msg: msg}
+}
 
 var kindStatus = map[providers.Kind]struct {
 	status int

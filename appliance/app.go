@@ -36,6 +36,14 @@ type Options struct {
 	CredsDir      string
 	AdminSocket   string // "" = <data-dir>/admin.sock; "-" disables it
 	PublicURL     string
+	// CertCountry is the C= of generated certificate subjects.
+	CertCountry string
+	// ConfigImportForce re-imports key chains from the config folder even when they exist.
+	ConfigImportForce bool
+	// RotationCheckInterval is how often the scheduler looks for due key chains (default 1h).
+	RotationCheckInterval time.Duration
+	// RotationGrace is how long a rotated-out key stays published and usable (default 30 days).
+	RotationGrace time.Duration
 	Version       string
 	Commit        string
 	Logger        *slog.Logger
@@ -132,6 +140,11 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.health = newHealthMonitor(a.registry, a.metrics)
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
 		Logger: a.log}
+	if err := a.setupKeyChains(ctx, &deps); err != nil {
+		a.Close()
+		return nil, err
+	}
+	deps.OnTenantCreated = a.onTenantCreated
 	a.app = api.New(deps)
 	a.admin = api.NewAdmin(deps)
 	return a, nil
@@ -164,6 +177,21 @@ func (a *Appliance) App() *fiber.App { return a.app }
 // Tenants exposes the tenant service (dev bootstrap, tests).
 func (a *Appliance) Tenants() *tenants.Service { return a.tenants }
 
+// CreateTenant creates a tenant with its first API key and runs the tenant bootstrap (default key
+// chains), as the admin API does.
+func (a *Appliance) CreateTenant(ctx context.Context, req tenants.CreateTenantRequest) (*tenants.CreateTenantResult, error) {
+	res, err := a.tenants.CreateTenant(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	if a.onTenantCreated != nil {
+		if err := a.onTenantCreated(ctx, res.ID); err != nil {
+			return res, fmt.Errorf("tenant %s created, but its bootstrap failed: %w", res.ID, err)
+		}
+	}
+	return res, nil
+}
+
 // Registry exposes the providers.
 func (a *Appliance) Registry() *providers.Registry { return a.registry }
 
@@ -182,6 +210,7 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	defer stopBG()
 	go a.health.run(bg, 15*time.Second)
 	go a.gcLoop(bg)
+	go a.startKeyChainScheduler(bg)
 
 	errc := make(chan error, 2)
 	var sockLn net.Listener

@@ -118,6 +118,10 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.StringVar(&o.MasterKeyFile, "master-key-file", os.Getenv("KMSGATE_MASTER_KEY_FILE"), "file holding the base64 master key (env KMSGATE_MASTER_KEY_FILE)")
 	f.StringVar(&o.AdminSocket, "admin-socket", os.Getenv("KMSGATE_ADMIN_SOCKET"), `admin Unix socket (default <data-dir>/admin.sock; "-" disables it)`)
 	f.StringVar(&o.PublicURL, "public-url", envOr("KMSGATE_PUBLIC_URL", "http://localhost:8080"), "public URL whose host goes into certificate SANs (env KMSGATE_PUBLIC_URL)")
+	f.StringVar(&o.CertCountry, "cert-country", envOr("KMSGATE_CERT_COUNTRY", "DE"), "C= of generated certificate subjects (env KMSGATE_CERT_COUNTRY)")
+	f.BoolVar(&o.ConfigImportForce, "config-import-force", envBool("KMSGATE_CONFIG_IMPORT_FORCE"), "re-import key chains from <config-dir>/<tenant>/key-chains even when they exist (env KMSGATE_CONFIG_IMPORT_FORCE)")
+	f.DurationVar(&o.RotationCheckInterval, "rotation-check-interval", time.Hour, "how often the scheduler looks for key chains due for rotation")
+	f.DurationVar(&o.RotationGrace, "rotation-grace", 30*24*time.Hour, "how long a rotated-out key stays published and usable before it is deleted")
 	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
 	return cmd
 }
