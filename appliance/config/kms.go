@@ -166,7 +166,14 @@ func (k *KMS) Redacted() ([]byte, error) {
 		}
 		o.Providers = append(o.Providers, redact(tree))
 	}
-	return json.MarshalIndent(o, "", "  ")
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(o); err != nil {
+		return nil, err
+	}
+	return bytes.TrimRight(buf.Bytes(), "\n"), nil
 }
 
 func redact(v any) any {
