@@ -1,0 +1,78 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kmsgate/kmsgate/appliance"
+)
+
+// TestReadmeQuickstart runs the README's quick-start block verbatim (only the port differs)
+// against `kmsgate serve --dev`, as a user following the README would.
+func TestReadmeQuickstart(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(readme), "<!-- quickstart:begin -->")
+	block, _, ok2 := strings.Cut(rest, "<!-- quickstart:end -->")
+	if !ok || !ok2 {
+		t.Fatal("README has no quickstart markers")
+	}
+	script := strings.TrimSpace(block)
+	script = strings.TrimPrefix(script, "```sh")
+	script = strings.TrimSuffix(script, "```")
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	script = strings.ReplaceAll(script, "127.0.0.1:8080", addr)
+
+	work := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		cmd := appliance.NewRootCmd(appliance.BuildInfo{Version: "test", Commit: "test"})
+		cmd.SetArgs([]string{"serve", "--dev", "--data-dir", filepath.Join(work, "data"),
+			"--config-dir", filepath.Join(work, "config"), "--listen", addr, "--log-level", "warn"})
+		cmd.SetOut(new(bytes.Buffer))
+		done <- cmd.ExecuteContext(ctx)
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+			if _, err := os.Stat(filepath.Join(work, "data", "dev-api-key")); err == nil {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("server did not come up")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	sh := exec.Command("bash", "-euo", "pipefail", "-c", script)
+	sh.Dir = work
+	out, err := sh.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "Verified OK") {
+		t.Fatalf("quickstart failed: %v\n%s", err, out)
+	}
+}
