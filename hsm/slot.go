@@ -1,0 +1,1046 @@
+package hsm
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/miekg/pkcs11"
+)
+
+// Config describes one slot to serve. The PIN is used for C_Login only and never logged or
+// placed in an error.
+type Config struct {
+	Library string
+	// Slot is an index into the list of slots that hold a token ("0", "1", …) or a token label.
+	Slot     string
+	PIN      string
+	ReadOnly bool
+	// PoolSize is the number of long-lived sessions; 0 sizes the pool to the machine, never
+	// above the token's session limit.
+	PoolSize int
+	// AcquireTimeout bounds how long a request waits for a free session (default 2s).
+	AcquireTimeout time.Duration
+	// CanaryInterval, when positive, signs with a throw-away session key that often.
+	CanaryInterval time.Duration
+	// MinBackoff and MaxBackoff bound the rebuild retry delay (defaults 50ms and 30s).
+	MinBackoff, MaxBackoff time.Duration
+	Logger                 *slog.Logger
+}
+
+// SlotError is a reason the slot cannot be brought up, with the operator's fix.
+type SlotError struct {
+	// Step is the bring-up step that failed: "slot", "token" or "login".
+	Step   string
+	Reason string
+	Fix    string
+	Err    error
+}
+
+func (e *SlotError) Error() string {
+	s := e.Reason
+	if e.Fix != "" {
+		s += "; fix: " + e.Fix
+	}
+	return s
+}
+func (e *SlotError) Unwrap() error { return e.Err }
+
+// Key names a key pair on the token: ID is the hex CKA_ID shared by both objects, Label the
+// CKA_LABEL (the kid).
+type Key struct {
+	ID    string
+	Label string
+}
+
+// SlotInfo describes the resolved slot and token.
+type SlotInfo struct {
+	SlotID       uint   `json:"slotId"`
+	TokenLabel   string `json:"tokenLabel"`
+	Serial       string `json:"serial"`
+	Manufacturer string `json:"manufacturer"`
+	Model        string `json:"model"`
+	MaxRW        uint   `json:"maxRwSessions"`
+}
+
+type session struct {
+	h pkcs11.SessionHandle
+	p *pool
+}
+
+// pool is one generation of sessions: a rebuild creates a new pool and retires the old one, so
+// a session from a dead generation can never be handed out again.
+type pool struct {
+	gen      uint64
+	mod      *Module
+	modGen   uint64
+	info     SlotInfo
+	ch       chan *session
+	all      []*session
+	dead     chan struct{}
+	deadOnce sync.Once
+	inflight atomic.Int64
+
+	canaryKey pkcs11.ObjectHandle
+	canaryPub *ecdsa.PublicKey
+	canaryErr error
+}
+
+func (p *pool) kill() { p.deadOnce.Do(func() { close(p.dead) }) }
+
+type keyEntry struct {
+	gen  uint64
+	priv pkcs11.ObjectHandle
+}
+
+// Slot serves one token through a fixed pool of logged-in sessions and rebuilds itself when the
+// token fails. All methods are safe for concurrent use.
+type Slot struct {
+	cfg     Config
+	log     *slog.Logger
+	timeout time.Duration
+
+	cur    atomic.Pointer[pool]
+	keysMu sync.RWMutex
+	keys   map[string]keyEntry // Key.ID -> private-key handle of one pool generation
+
+	kick   chan struct{}
+	closed chan struct{}
+	done   chan struct{}
+	once   sync.Once
+
+	// owned by the build/supervisor goroutine (and Open before it starts)
+	mod      *Module
+	retired  []*pool
+	buildGen uint64
+
+	mu          sync.Mutex // guards the fields below
+	lastErr     error
+	stopRetry   bool
+	capacity    int
+	info        SlotInfo
+	canaryAt    time.Time
+	canaryLast  error
+	downSince   time.Time
+	everBuilt   bool
+	lastRecover time.Duration
+
+	waits, waitNanos, exhausted, opened, logins, searches, rebuilds atomic.Uint64
+	errs                                                            []atomic.Uint64
+}
+
+var ecdsaMech = []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}
+
+// Open validates cfg, tries to bring the slot up once and starts the background supervisor that
+// keeps (re)building it. It fails only on configuration errors: an unreachable library, slot or
+// a wrong PIN yield a Slot that is down, with LastError naming the fix.
+func Open(ctx context.Context, cfg Config) (*Slot, error) {
+	if strings.TrimSpace(cfg.Library) == "" {
+		return nil, errors.New(`"library" is required: the path of the vendor's PKCS#11 module`)
+	}
+	if strings.TrimSpace(cfg.Slot) == "" {
+		return nil, errors.New(`"slot" is required: a slot index (0, 1, …) or the token label`)
+	}
+	if cfg.PoolSize < 0 {
+		return nil, fmt.Errorf(`"poolSize" must be positive, got %d`, cfg.PoolSize)
+	}
+	if cfg.AcquireTimeout < 0 || cfg.CanaryInterval < 0 {
+		return nil, errors.New(`"acquireTimeout" and "canaryInterval" must not be negative`)
+	}
+	if cfg.AcquireTimeout == 0 {
+		cfg.AcquireTimeout = 2 * time.Second
+	}
+	if cfg.MinBackoff <= 0 {
+		cfg.MinBackoff = 50 * time.Millisecond
+	}
+	if cfg.MaxBackoff <= 0 {
+		cfg.MaxBackoff = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Slot{cfg: cfg, timeout: cfg.AcquireTimeout,
+		log:  cfg.Logger.With("library", cfg.Library, "slot", cfg.Slot),
+		kick: make(chan struct{}, 1), closed: make(chan struct{}), done: make(chan struct{}), keys: map[string]keyEntry{},
+		errs: make([]atomic.Uint64, len(ckrNames))}
+	s.mu.Lock()
+	s.downSince = time.Now()
+	s.mu.Unlock()
+	if err := s.build(ctx, 0); err != nil {
+		s.setDown(err)
+	}
+	go s.supervise()
+	return s, nil
+}
+
+// ---------- session pool ----------
+
+func (s *Slot) downErr() error {
+	s.mu.Lock()
+	err := s.lastErr
+	s.mu.Unlock()
+	select {
+	case <-s.closed:
+		return ErrClosed
+	default:
+	}
+	if err == nil {
+		return ErrSlotDown
+	}
+	return fmt.Errorf("%w: %w", ErrSlotDown, err)
+}
+
+func (s *Slot) acquire(ctx context.Context) (*session, error) {
+	p := s.cur.Load()
+	if p == nil {
+		return nil, s.downErr()
+	}
+	p.inflight.Add(1)
+	select {
+	case se := <-p.ch:
+		return se, nil
+	default:
+	}
+	s.waits.Add(1)
+	start := time.Now()
+	t := time.NewTimer(s.timeout)
+	defer func() {
+		t.Stop()
+		s.waitNanos.Add(uint64(time.Since(start)))
+	}()
+	select {
+	case se := <-p.ch:
+		return se, nil
+	case <-p.dead:
+		p.inflight.Add(-1)
+		return nil, s.downErr()
+	case <-ctx.Done():
+		p.inflight.Add(-1)
+		s.exhausted.Add(1)
+		return nil, fmt.Errorf("%w before the request's deadline: %w", ErrPoolExhausted, ctx.Err())
+	case <-t.C:
+		p.inflight.Add(-1)
+		s.exhausted.Add(1)
+		return nil, fmt.Errorf("%w within %s (pool of %d sessions)", ErrPoolExhausted, s.timeout, cap(p.ch))
+	}
+}
+
+func (s *Slot) release(se *session, err error) {
+	p := se.p
+	if err != nil && ClassOf(err) == ClassFatal {
+		s.markDown(p, err)
+	}
+	select {
+	case <-p.dead: // retired: the rebuild closes every session of this generation
+	default:
+		p.ch <- se
+	}
+	p.inflight.Add(-1)
+}
+
+// call counts a failed PKCS#11 call by return code and wraps it with the call's name.
+func (s *Slot) call(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	rv, ok := rvOf(err)
+	if ok {
+		s.errs[ckrSlot(rv)].Add(1)
+	}
+	return &OpError{Op: op, RV: rv, Err: err}
+}
+
+// markDown retires p after a fatal error: new requests fail fast and the supervisor rebuilds.
+func (s *Slot) markDown(p *pool, cause error) {
+	if !s.cur.CompareAndSwap(p, nil) {
+		return
+	}
+	p.kill()
+	s.setDown(cause)
+	s.log.Warn("pkcs11 slot down; rebuilding in the background", "err", cause)
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Slot) setDown(err error) {
+	s.mu.Lock()
+	if s.downSince.IsZero() {
+		s.downSince = time.Now()
+	}
+	s.lastErr = err
+	s.mu.Unlock()
+}
+
+// ---------- supervisor and rebuild ----------
+
+func (s *Slot) supervise() {
+	defer close(s.done)
+	backoff := s.cfg.MinBackoff
+	attempt := 0
+	var tick <-chan time.Time
+	if s.cfg.CanaryInterval > 0 {
+		t := time.NewTicker(s.cfg.CanaryInterval)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		s.mu.Lock()
+		stop := s.stopRetry
+		s.mu.Unlock()
+		if s.cur.Load() == nil && !stop {
+			attempt++
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := s.build(ctx, attempt)
+			cancel()
+			if err == nil {
+				backoff, attempt = s.cfg.MinBackoff, 0
+				continue
+			}
+			s.setDown(err)
+			s.log.Warn("pkcs11 slot rebuild failed", "attempt", attempt, "retry_in", backoff, "err", err)
+			select {
+			case <-s.closed:
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, s.cfg.MaxBackoff)
+			continue
+		}
+		select {
+		case <-s.closed:
+			return
+		case <-s.kick:
+		case <-tick:
+			ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+			_ = s.Canary(ctx)
+			cancel()
+		}
+	}
+}
+
+// needsReinit reports whether the library itself must be finalised and re-initialised: either
+// the library says so, or reopening sessions alone has already failed.
+func needsReinit(cause error, attempt int) bool {
+	if rv, ok := rvOf(cause); ok {
+		switch rv {
+		case pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_TOKEN_NOT_PRESENT:
+			return true
+		}
+	}
+	return attempt >= 2 && ClassOf(cause) == ClassFatal
+}
+
+// build opens a fresh generation of sessions. It runs on the supervisor goroutine (or in Open,
+// before the supervisor exists), so the fields it owns need no lock.
+func (s *Slot) build(ctx context.Context, attempt int) error {
+	s.mu.Lock()
+	cause := s.lastErr
+	s.mu.Unlock()
+	if s.mod == nil {
+		m, err := OpenModule(s.cfg.Library)
+		if err != nil {
+			return err
+		}
+		s.mod = m
+	}
+	m := s.mod
+	if attempt > 0 && needsReinit(cause, attempt) {
+		s.log.Info("re-initialising the PKCS#11 library", "cause", cause)
+		if err := m.Reinitialize(m.Generation()); err != nil {
+			if rv, ok := rvOf(err); ok {
+				s.errs[ckrSlot(rv)].Add(1)
+			}
+			return fmt.Errorf("re-initialise library: %w", err)
+		}
+	}
+	if err := m.ensure(); err != nil {
+		return err
+	}
+	m.life.RLock()
+	defer m.life.RUnlock()
+	s.closeRetired(m)
+
+	slotID, tok, err := s.resolve(m.ctx)
+	if err != nil {
+		return err
+	}
+	if tok.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 {
+		return &SlotError{Step: "token", Reason: fmt.Sprintf("the token in slot %d is not initialised", slotID), Fix: "initialise it with the vendor tool (e.g. softhsm2-util --init-token --slot N --label L)"}
+	}
+	if tok.Flags&pkcs11.CKF_LOGIN_REQUIRED != 0 && tok.Flags&pkcs11.CKF_USER_PIN_INITIALIZED == 0 {
+		return &SlotError{Step: "token", Reason: fmt.Sprintf("the user PIN of token %q is not initialised", strings.TrimSpace(tok.Label)), Fix: "set the user PIN as security officer (e.g. pkcs11-tool --init-pin --login --so-pin …)"}
+	}
+	size := s.poolSize(tok)
+	info := SlotInfo{SlotID: slotID, TokenLabel: strings.TrimSpace(tok.Label), Serial: strings.TrimSpace(tok.SerialNumber),
+		Manufacturer: strings.TrimSpace(tok.ManufacturerID), Model: strings.TrimSpace(tok.Model), MaxRW: tok.MaxRwSessionCount}
+	s.buildGen++
+	p := &pool{gen: s.buildGen, mod: m, modGen: m.Generation(), info: info,
+		ch: make(chan *session, size), dead: make(chan struct{})}
+	flags := uint(pkcs11.CKF_SERIAL_SESSION)
+	if !s.cfg.ReadOnly {
+		flags |= pkcs11.CKF_RW_SESSION
+	}
+	fail := func(err error) error {
+		for _, se := range p.all {
+			_ = m.ctx.CloseSession(se.h)
+		}
+		return err
+	}
+	login := func() error {
+		if tok.Flags&pkcs11.CKF_LOGIN_REQUIRED == 0 && s.cfg.PIN == "" {
+			return nil
+		}
+		// Login state is application-wide: one C_Login serves every session of the token, and
+		// it lasts as long as one session stays open, so it is never repeated per operation.
+		s.logins.Add(1)
+		if err := m.ctx.Login(p.all[0].h, pkcs11.CKU_USER, s.cfg.PIN); err != nil {
+			if rv, _ := rvOf(err); rv != pkcs11.CKR_USER_ALREADY_LOGGED_IN {
+				return s.loginError(info, s.call("C_Login", err))
+			}
+		}
+		return nil
+	}
+	for i := 0; i < size; i++ {
+		if err := ctx.Err(); err != nil {
+			return fail(fmt.Errorf("open sessions: %w", err))
+		}
+		h, err := m.ctx.OpenSession(slotID, flags)
+		if err != nil {
+			return fail(fmt.Errorf("open session %d of %d: %w", i+1, size, s.call("C_OpenSession", err)))
+		}
+		s.opened.Add(1)
+		p.all = append(p.all, &session{h: h, p: p})
+		if i == 0 {
+			// log in before opening the rest, so a wrong PIN costs one session, not a pool
+			if err := login(); err != nil {
+				return fail(err)
+			}
+		}
+	}
+	if err := s.setupCanary(p); err != nil {
+		return fail(err)
+	}
+	for _, se := range p.all {
+		p.ch <- se
+	}
+	s.dropHandles()
+	s.mu.Lock()
+	rebuilt := s.everBuilt
+	s.everBuilt = true
+	s.capacity, s.info, s.lastErr = size, info, nil
+	if rebuilt {
+		s.lastRecover = time.Since(s.downSince)
+	}
+	s.downSince = time.Time{}
+	s.mu.Unlock()
+	if rebuilt {
+		s.rebuilds.Add(1)
+	}
+	s.retired = append(s.retired, p) // closed at Close or at the next rebuild
+	s.cur.Store(p)
+	s.log.Info("pkcs11 slot up", "slot_id", slotID, "token", info.TokenLabel, "sessions", size, "read_only", s.cfg.ReadOnly)
+	return nil
+}
+
+// closeRetired closes the sessions of dead generations once their in-flight calls have drained.
+// Sessions from before a library re-initialisation are gone already: closing their handles
+// could close a new session that reuses the number, so they are only forgotten.
+func (s *Slot) closeRetired(m *Module) {
+	keep := s.retired[:0]
+	for _, p := range s.retired {
+		select {
+		case <-p.dead:
+		default:
+			keep = append(keep, p) // the live pool
+			continue
+		}
+		deadline := time.Now().Add(2 * time.Second)
+		for p.inflight.Load() > 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if p.modGen == m.Generation() {
+			for _, se := range p.all {
+				_ = m.ctx.CloseSession(se.h)
+			}
+		}
+	}
+	s.retired = keep
+}
+
+func (s *Slot) poolSize(tok pkcs11.TokenInfo) int {
+	limit := tok.MaxRwSessionCount
+	if s.cfg.ReadOnly {
+		limit = tok.MaxSessionCount
+	}
+	bounded := limit != pkcs11.CK_EFFECTIVELY_INFINITE && limit != pkcs11.CK_UNAVAILABLE_INFORMATION
+	size := s.cfg.PoolSize
+	if size == 0 {
+		// Signing is CPU-bound in the token (SoftHSM) or latency-bound on the wire (network
+		// HSMs): two sessions per core keeps every core busy while others wait on the device.
+		size = max(4, 2*runtime.GOMAXPROCS(0))
+	}
+	if bounded && uint(size) > limit {
+		s.log.Warn("pool size clipped to the token's session limit", "requested", size, "limit", limit)
+		size = int(limit)
+	}
+	return max(size, 1)
+}
+
+// resolve maps cfg.Slot onto a slot ID: digits index the slots that hold a token, anything else
+// is matched against the trimmed token label.
+func (s *Slot) resolve(ctx *pkcs11.Ctx) (uint, pkcs11.TokenInfo, error) {
+	ids, err := ctx.GetSlotList(true)
+	if err != nil {
+		return 0, pkcs11.TokenInfo{}, s.call("C_GetSlotList", err)
+	}
+	want := strings.TrimSpace(s.cfg.Slot)
+	if n, err := strconv.Atoi(want); err == nil {
+		if n < 0 || n >= len(ids) {
+			return 0, pkcs11.TokenInfo{}, &SlotError{Step: "slot", Reason: fmt.Sprintf("slot index %d is out of range: %d slot(s) hold a token", n, len(ids)),
+				Fix: `use an index below the number of tokens, or the token label (list them with "kmsgate hsm slots --library ` + s.cfg.Library + `")`}
+		}
+		tok, err := ctx.GetTokenInfo(ids[n])
+		if err != nil {
+			return 0, tok, s.call("C_GetTokenInfo", err)
+		}
+		return ids[n], tok, nil
+	}
+	var labels []string
+	for _, id := range ids {
+		tok, err := ctx.GetTokenInfo(id)
+		if err != nil {
+			return 0, tok, s.call("C_GetTokenInfo", err)
+		}
+		l := strings.TrimSpace(tok.Label)
+		if l == want && tok.Flags&pkcs11.CKF_TOKEN_INITIALIZED != 0 {
+			return id, tok, nil
+		}
+		if tok.Flags&pkcs11.CKF_TOKEN_INITIALIZED != 0 {
+			labels = append(labels, strconv.Quote(l))
+		}
+	}
+	return 0, pkcs11.TokenInfo{}, &SlotError{Step: "slot", Reason: fmt.Sprintf("no initialised token labelled %q (labels present: %s)", want, strings.Join(labels, ", ")),
+		Fix: `correct "slot" to one of the labels above, or initialise a token with that label`}
+}
+
+func (s *Slot) loginError(info SlotInfo, err error) error {
+	rv, _ := rvOf(err)
+	switch rv {
+	case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE:
+		// Retrying a wrong PIN would walk the token towards locking it: stop until restart.
+		s.mu.Lock()
+		s.stopRetry = true
+		s.mu.Unlock()
+		return &SlotError{Step: "login", Reason: fmt.Sprintf("login to token %q failed: wrong PIN (%s)", info.TokenLabel, CKRName(rv)),
+			Fix: `correct the provider's "pin" (or the variable it references) and restart kmsgate; retries are stopped so the token's PIN is not locked`, Err: err}
+	case pkcs11.CKR_PIN_LOCKED:
+		s.mu.Lock()
+		s.stopRetry = true
+		s.mu.Unlock()
+		return &SlotError{Step: "login", Reason: fmt.Sprintf("the user PIN of token %q is locked", info.TokenLabel), Fix: "unlock/reset the user PIN as security officer", Err: err}
+	case pkcs11.CKR_USER_PIN_NOT_INITIALIZED:
+		return &SlotError{Step: "login", Reason: fmt.Sprintf("the user PIN of token %q is not initialised", info.TokenLabel), Fix: "set the user PIN as security officer", Err: err}
+	}
+	return &SlotError{Step: "login", Reason: fmt.Sprintf("login to token %q failed (%s)", info.TokenLabel, CKRName(rv)),
+		Fix: "check the token with the vendor tool; the PIN itself is never shown", Err: err}
+}
+
+// setupCanary makes a throw-away key pair as session objects (they need no write access to the
+// token and vanish with the session) and proves the slot signs correctly before it goes up.
+func (s *Slot) setupCanary(p *pool) error {
+	h := p.all[0].h
+	ctx := p.mod.ctx
+	pub, priv, err := ctx.GenerateKeyPair(h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_EC_KEY_PAIR_GEN, nil)},
+		[]*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false), pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+			pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, p256Params), pkcs11.NewAttribute(pkcs11.CKA_LABEL, "kmsgate-canary"),
+		},
+		[]*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false), pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true), pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false), pkcs11.NewAttribute(pkcs11.CKA_LABEL, "kmsgate-canary"),
+		})
+	if err != nil {
+		err = s.call("C_GenerateKeyPair", err)
+		if ClassOf(err) == ClassFatal {
+			return fmt.Errorf("canary key: %w", err)
+		}
+		p.canaryErr = fmt.Errorf("canary unavailable: the token cannot generate a P-256 session key: %w", err)
+		s.log.Warn("pkcs11 canary disabled", "err", err)
+		return nil
+	}
+	pk, err := s.readPoint(ctx, h, pub)
+	if err != nil {
+		return fmt.Errorf("canary key: %w", err)
+	}
+	p.canaryKey, p.canaryPub = priv, pk
+	return s.canarySign(p, p.all[0])
+}
+
+var canaryMsg = []byte("kmsgate pkcs11 canary")
+
+func (s *Slot) canarySign(p *pool, se *session) error {
+	if p.canaryErr != nil {
+		return p.canaryErr
+	}
+	d := sha256.Sum256(canaryMsg)
+	sig, err := s.signRaw(se, p.canaryKey, d[:])
+	if err != nil {
+		return fmt.Errorf("canary sign: %w", err)
+	}
+	if !keyutil.VerifyRawDigest(p.canaryPub, d[:], sig) {
+		return errors.New("canary signature does not verify: the token returned a wrong signature")
+	}
+	return nil
+}
+
+// Canary signs with the slot's session key and verifies the result in Go.
+func (s *Slot) Canary(ctx context.Context) error {
+	se, err := s.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	se.p.mod.life.RLock()
+	err = s.canarySign(se.p, se)
+	se.p.mod.life.RUnlock()
+	s.release(se, err)
+	s.mu.Lock()
+	s.canaryAt, s.canaryLast = time.Now(), err
+	s.mu.Unlock()
+	return err
+}
+
+// ---------- keys ----------
+
+func (s *Slot) readPoint(ctx *pkcs11.Ctx, h pkcs11.SessionHandle, o pkcs11.ObjectHandle) (*ecdsa.PublicKey, error) {
+	attrs, err := ctx.GetAttributeValue(h, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_EC_POINT, nil)})
+	if err != nil {
+		return nil, s.call("C_GetAttributeValue", err)
+	}
+	if len(attrs) != 1 {
+		return nil, fmt.Errorf("%w: CKA_EC_POINT missing", ErrBadKey)
+	}
+	return ParseECPoint(attrs[0].Value)
+}
+
+// with runs f on a pooled session under the library's read lock.
+func (s *Slot) with(ctx context.Context, f func(se *session) error) error {
+	se, err := s.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		s.release(se, nil)
+		return err
+	}
+	se.p.mod.life.RLock()
+	err = f(se)
+	se.p.mod.life.RUnlock()
+	s.release(se, err)
+	return err
+}
+
+// Generate creates a P-256 key pair on the token: CKA_LABEL = label on both objects and a random
+// 16-byte CKA_ID tying them, so that two keys with one label never collide.
+func (s *Slot) Generate(ctx context.Context, label string) (Key, *ecdsa.PublicKey, error) {
+	if s.cfg.ReadOnly {
+		return Key{}, nil, ErrReadOnly
+	}
+	id := make([]byte, 16)
+	if _, err := rand.Read(id); err != nil {
+		return Key{}, nil, err
+	}
+	k := Key{ID: fmt.Sprintf("%x", id), Label: label}
+	var pub *ecdsa.PublicKey
+	err := s.with(ctx, func(se *session) error {
+		c := se.p.mod.ctx
+		pubH, privH, err := c.GenerateKeyPair(se.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_EC_KEY_PAIR_GEN, nil)},
+			[]*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC),
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true), pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+				pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, p256Params),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, label), pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+			},
+			[]*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC),
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true), pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true), pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+				pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, label), pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+			})
+		if err != nil {
+			return s.call("C_GenerateKeyPair", err)
+		}
+		pub, err = s.readPoint(c, se.h, pubH)
+		if err != nil {
+			// never leave a half-usable pair behind
+			_ = c.DestroyObject(se.h, privH)
+			_ = c.DestroyObject(se.h, pubH)
+			return err
+		}
+		s.storeHandle(k.ID, se.p.gen, privH)
+		return nil
+	})
+	if err != nil {
+		return Key{}, nil, err
+	}
+	return k, pub, nil
+}
+
+func keyTemplate(k Key, class uint, withClass bool) ([]*pkcs11.Attribute, error) {
+	id, err := decodeHex(k.ID)
+	if err != nil {
+		return nil, err
+	}
+	t := []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_LABEL, k.Label)}
+	if withClass {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_CLASS, class))
+	}
+	return t, nil
+}
+
+func decodeHex(s string) ([]byte, error) {
+	if len(s) == 0 || len(s)%2 != 0 {
+		return nil, fmt.Errorf("%w: key id %q is not hex CKA_ID", ErrKeyNotFound, s)
+	}
+	b := make([]byte, len(s)/2)
+	for i := range b {
+		v, err := strconv.ParseUint(s[2*i:2*i+2], 16, 8)
+		if err != nil {
+			return nil, fmt.Errorf("%w: key id %q is not hex CKA_ID", ErrKeyNotFound, s)
+		}
+		b[i] = byte(v)
+	}
+	return b, nil
+}
+
+// find runs one object search; it is the only place that calls C_FindObjectsInit.
+func (s *Slot) find(se *session, tmpl []*pkcs11.Attribute, max int) ([]pkcs11.ObjectHandle, error) {
+	c := se.p.mod.ctx
+	s.searches.Add(1)
+	if err := c.FindObjectsInit(se.h, tmpl); err != nil {
+		return nil, s.call("C_FindObjectsInit", err)
+	}
+	objs, _, err := c.FindObjects(se.h, max)
+	ferr := c.FindObjectsFinal(se.h)
+	if err != nil {
+		return nil, s.call("C_FindObjects", err)
+	}
+	if ferr != nil {
+		return nil, s.call("C_FindObjectsFinal", ferr)
+	}
+	return objs, nil
+}
+
+func (s *Slot) storeHandle(id string, gen uint64, h pkcs11.ObjectHandle) {
+	s.keysMu.Lock()
+	s.keys[id] = keyEntry{gen: gen, priv: h}
+	s.keysMu.Unlock()
+}
+
+func (s *Slot) forgetHandle(id string) {
+	s.keysMu.Lock()
+	delete(s.keys, id)
+	s.keysMu.Unlock()
+}
+
+// dropHandles empties the cache: handles do not survive a rebuild.
+func (s *Slot) dropHandles() {
+	s.keysMu.Lock()
+	clear(s.keys)
+	s.keysMu.Unlock()
+}
+
+// handle returns the cached private-key handle, searching only on a miss.
+func (s *Slot) handle(se *session, k Key) (pkcs11.ObjectHandle, error) {
+	s.keysMu.RLock()
+	e, ok := s.keys[k.ID]
+	s.keysMu.RUnlock()
+	if ok && e.gen == se.p.gen {
+		return e.priv, nil
+	}
+	tmpl, err := keyTemplate(k, pkcs11.CKO_PRIVATE_KEY, true)
+	if err != nil {
+		return 0, err
+	}
+	objs, err := s.find(se, tmpl, 1)
+	if err != nil {
+		return 0, err
+	}
+	if len(objs) == 0 {
+		return 0, fmt.Errorf("%w: no private key with CKA_ID %s and label %q", ErrKeyNotFound, k.ID, k.Label)
+	}
+	s.storeHandle(k.ID, se.p.gen, objs[0])
+	return objs[0], nil
+}
+
+func (s *Slot) signRaw(se *session, key pkcs11.ObjectHandle, digest []byte) ([]byte, error) {
+	c := se.p.mod.ctx
+	if err := c.SignInit(se.h, ecdsaMech, key); err != nil {
+		return nil, s.call("C_SignInit", err)
+	}
+	sig, err := c.Sign(se.h, digest)
+	if err != nil {
+		return nil, s.call("C_Sign", err)
+	}
+	if len(sig) != 64 {
+		return nil, fmt.Errorf("token returned a %d-byte ECDSA signature, want 64 (is the key P-256?)", len(sig))
+	}
+	return sig, nil
+}
+
+// Sign signs a 32-byte digest with CKM_ECDSA and returns raw r‖s. In steady state it costs one
+// session checkout, C_SignInit and C_Sign; a stale cached handle is re-found once.
+func (s *Slot) Sign(ctx context.Context, k Key, digest []byte) ([]byte, error) {
+	if len(digest) != 32 {
+		return nil, fmt.Errorf("digest must be 32 bytes (SHA-256), got %d", len(digest))
+	}
+	// Written out instead of using s.with: the closure would cost an allocation per signature.
+	se, err := s.acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		s.release(se, nil)
+		return nil, err
+	}
+	se.p.mod.life.RLock()
+	sig, err := s.signKey(se, k, digest)
+	se.p.mod.life.RUnlock()
+	s.release(se, err)
+	return sig, err
+}
+
+func (s *Slot) signKey(se *session, k Key, digest []byte) ([]byte, error) {
+	h, err := s.handle(se, k)
+	if err != nil {
+		return nil, err
+	}
+	sig, err := s.signRaw(se, h, digest)
+	if ClassOf(err) == ClassStaleHandle {
+		s.forgetHandle(k.ID)
+		if h, err = s.handle(se, k); err != nil {
+			return nil, err
+		}
+		sig, err = s.signRaw(se, h, digest)
+	}
+	return sig, err
+}
+
+// PublicKey reads the public key object's CKA_EC_POINT.
+func (s *Slot) PublicKey(ctx context.Context, k Key) (*ecdsa.PublicKey, error) {
+	tmpl, err := keyTemplate(k, pkcs11.CKO_PUBLIC_KEY, true)
+	if err != nil {
+		return nil, err
+	}
+	var pub *ecdsa.PublicKey
+	err = s.with(ctx, func(se *session) error {
+		objs, err := s.find(se, tmpl, 1)
+		if err != nil {
+			return err
+		}
+		if len(objs) == 0 {
+			return fmt.Errorf("%w: no public key with CKA_ID %s and label %q", ErrKeyNotFound, k.ID, k.Label)
+		}
+		pub, err = s.readPoint(se.p.mod.ctx, se.h, objs[0])
+		return err
+	})
+	return pub, err
+}
+
+// Delete destroys every object with the key's CKA_ID and label. Deleting a missing key is not an
+// error; a failure on one object does not stop the others.
+func (s *Slot) Delete(ctx context.Context, k Key) error {
+	if s.cfg.ReadOnly {
+		return ErrReadOnly
+	}
+	tmpl, err := keyTemplate(k, 0, false)
+	if err != nil {
+		return nil // not a key this slot could have made
+	}
+	return s.with(ctx, func(se *session) error {
+		objs, err := s.find(se, tmpl, 16)
+		if err != nil {
+			return err
+		}
+		s.forgetHandle(k.ID)
+		var errs []error
+		for _, o := range objs {
+			if err := se.p.mod.ctx.DestroyObject(se.h, o); err != nil {
+				errs = append(errs, s.call("C_DestroyObject", err))
+			}
+		}
+		if len(errs) == len(objs) && len(errs) > 0 {
+			return errors.Join(errs...)
+		}
+		if len(errs) > 0 {
+			s.log.Warn("pkcs11 delete left objects behind", "key_id", k.ID, "errors", errors.Join(errs...))
+		}
+		return nil
+	})
+}
+
+// Attributes reads boolean attributes of the key's private and public objects (for audits and
+// tests: CKA_SENSITIVE, CKA_EXTRACTABLE, …).
+func (s *Slot) Attributes(ctx context.Context, k Key, class uint, types ...uint) (map[uint]bool, error) {
+	tmpl, err := keyTemplate(k, class, true)
+	if err != nil {
+		return nil, err
+	}
+	out := map[uint]bool{}
+	err = s.with(ctx, func(se *session) error {
+		objs, err := s.find(se, tmpl, 1)
+		if err != nil {
+			return err
+		}
+		if len(objs) == 0 {
+			return ErrKeyNotFound
+		}
+		req := make([]*pkcs11.Attribute, len(types))
+		for i, t := range types {
+			req[i] = pkcs11.NewAttribute(t, nil)
+		}
+		attrs, err := se.p.mod.ctx.GetAttributeValue(se.h, objs[0], req)
+		if err != nil {
+			return s.call("C_GetAttributeValue", err)
+		}
+		for _, a := range attrs {
+			out[a.Type] = len(a.Value) == 1 && a.Value[0] != 0
+		}
+		return nil
+	})
+	return out, err
+}
+
+// ---------- health, stats, close ----------
+
+// Health is the slot's state for a health probe.
+type Health struct {
+	OK    bool
+	Error string
+}
+
+// Health probes a pooled session with C_GetSessionInfo (never blocking past ctx) and reports
+// the last periodic canary result.
+func (s *Slot) Health(ctx context.Context) Health {
+	se, err := s.acquire(ctx)
+	if errors.Is(err, ErrPoolExhausted) {
+		return Health{OK: true} // every session is busy signing: the slot is working
+	}
+	if err != nil {
+		return Health{OK: false, Error: err.Error()}
+	}
+	se.p.mod.life.RLock()
+	info, err := se.p.mod.ctx.GetSessionInfo(se.h)
+	se.p.mod.life.RUnlock()
+	err = s.call("C_GetSessionInfo", err)
+	if err == nil && info.State != pkcs11.CKS_RO_USER_FUNCTIONS && info.State != pkcs11.CKS_RW_USER_FUNCTIONS && s.cfg.PIN != "" {
+		err = &OpError{Op: "C_GetSessionInfo", RV: pkcs11.CKR_USER_NOT_LOGGED_IN, Err: pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)}
+	}
+	s.release(se, err)
+	if err != nil {
+		return Health{OK: false, Error: err.Error()}
+	}
+	s.mu.Lock()
+	cerr := s.canaryLast
+	s.mu.Unlock()
+	if cerr != nil && s.cfg.CanaryInterval > 0 {
+		return Health{OK: false, Error: "last canary failed: " + cerr.Error()}
+	}
+	return Health{OK: true}
+}
+
+// LastError is why the slot is down, or nil when it is up.
+func (s *Slot) LastError() error {
+	if s.cur.Load() != nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastErr == nil {
+		return ErrSlotDown
+	}
+	return s.lastErr
+}
+
+// Up reports whether the slot currently serves requests.
+func (s *Slot) Up() bool { return s.cur.Load() != nil }
+
+// Stats is a snapshot of the slot's counters; reading it makes no PKCS#11 call.
+type Stats struct {
+	Up             bool
+	Capacity       int
+	InUse          int
+	Idle           int
+	Waits          uint64
+	WaitSeconds    float64
+	Exhausted      uint64
+	SessionsOpened uint64
+	Logins         uint64
+	ObjectSearches uint64
+	Rebuilds       uint64
+	Errors         map[string]uint64 // by CKR name, closed set (see CKRNames)
+	Slot           SlotInfo
+	Library        string
+	ReadOnly       bool
+	LastError      string
+	// LastRecovery is how long the last rebuild took from slot-down to slot-up.
+	LastRecovery time.Duration
+}
+
+// Stats returns the counters.
+func (s *Slot) Stats() Stats {
+	st := Stats{Library: s.cfg.Library, ReadOnly: s.cfg.ReadOnly,
+		Waits: s.waits.Load(), WaitSeconds: float64(s.waitNanos.Load()) / 1e9, Exhausted: s.exhausted.Load(),
+		SessionsOpened: s.opened.Load(), Logins: s.logins.Load(), ObjectSearches: s.searches.Load(), Rebuilds: s.rebuilds.Load(),
+		Errors: make(map[string]uint64, len(ckrNames))}
+	for i, n := range ckrNames {
+		st.Errors[n] = s.errs[i].Load()
+	}
+	s.mu.Lock()
+	st.Slot, st.LastRecovery = s.info, s.lastRecover
+	if s.lastErr != nil {
+		st.LastError = s.lastErr.Error()
+	}
+	s.mu.Unlock()
+	if p := s.cur.Load(); p != nil {
+		st.Up = true
+		st.Capacity = cap(p.ch)
+		st.Idle = len(p.ch)
+		st.InUse = st.Capacity - st.Idle
+	}
+	return st
+}
+
+// Close stops the supervisor, closes every session and releases the library reference.
+func (s *Slot) Close() error {
+	var err error
+	s.once.Do(func() {
+		close(s.closed)
+		<-s.done
+		if p := s.cur.Swap(nil); p != nil {
+			p.kill()
+		}
+		if s.mod == nil {
+			return
+		}
+		s.mod.life.RLock()
+		s.closeRetired(s.mod)
+		s.mod.life.RUnlock()
+		err = s.mod.Close()
+	})
+	return err
+}
