@@ -2,20 +2,51 @@ package appliance
 
 import (
 	"github.com/kmsgate/kmsgate/appliance/seal"
+	"github.com/kmsgate/kmsgate/hsm"
+	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
+	"github.com/kmsgate/kmsgate/providers/awskms"
 	"github.com/kmsgate/kmsgate/providers/db"
+	"github.com/kmsgate/kmsgate/providers/httpkms"
+	"github.com/kmsgate/kmsgate/providers/pkcs11"
+	"github.com/kmsgate/kmsgate/providers/vault"
 )
 
 // factories maps every provider type to its constructor. Built per appliance (no global
 // registration), so tests can run several appliances in one process.
 func (a *Appliance) factories() map[string]providers.Factory {
 	return map[string]providers.Factory{
-		providers.TypeDB: db.Factory(a.sealer, dbAAD, a.log),
+		providers.TypeDB:     db.Factory(a.sealer, dbAAD, a.log),
+		providers.TypePKCS11: pkcs11.Factory(a.log),
+		providers.TypeVault:  vault.Factory(a.log),
+		providers.TypeAWSKMS: awskms.Factory(a.log),
+		providers.TypeHTTP:   httpkms.Factory(a.log),
 	}
 }
 
 // dbAAD binds a db key's sealed material to its tenant and kid.
 func dbAAD(tenant, kid string) []byte { return seal.AAD("db-key", tenant, kid) }
 
-// registerProviderMetrics adds collectors for provider-specific state (PKCS#11 pools).
-func (a *Appliance) registerProviderMetrics() {}
+// poolStatser is implemented by providers with a PKCS#11 session pool.
+type poolStatser interface{ Stats() hsm.Stats }
+
+// registerProviderMetrics adds collectors for provider-specific state. The PKCS#11 collector reads
+// counters only, so a scrape never touches a token.
+func (a *Appliance) registerProviderMetrics() {
+	pools := map[string]poolStatser{}
+	for _, p := range a.registry.All() {
+		if s, ok := p.(poolStatser); ok {
+			pools[p.ID()] = s
+		}
+	}
+	if len(pools) == 0 {
+		return
+	}
+	a.metrics.Registry.MustRegister(metrics.NewPKCS11Collector(func() map[string]hsm.Stats {
+		out := make(map[string]hsm.Stats, len(pools))
+		for id, p := range pools {
+			out[id] = p.Stats()
+		}
+		return out
+	}))
+}
