@@ -1,0 +1,195 @@
+package keychain
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+
+	"github.com/kmsgate/kmsgate/providers"
+	"github.com/kmsgate/kmsgate/providers/keyutil"
+)
+
+// reservedHeaders are set by kmsgate and cannot be overridden by callers: alg and kid must name the
+// key that actually signs, x5c its chain, and b64=false/crit would change what the signature covers.
+var reservedHeaders = map[string]bool{"alg": true, "kid": true, "x5c": true, "b64": true, "crit": true,
+	"jwk": true, "x5u": true, "jku": true}
+
+// signingChain loads a chain that may sign and its provider.
+func (s *Service) signingChain(ctx context.Context, tenant, id string) (*Chain, signer, error) {
+	c, err := s.load(ctx, tenant, id)
+	if err != nil {
+		return nil, signer{}, err
+	}
+	if c.Usage == KeyUseEncrypt {
+		return nil, signer{}, badRequest("wrong_usage", "key chain %q is an encrypt chain and cannot sign", id)
+	}
+	prov, err := s.reg.Get(c.Provider)
+	if err != nil {
+		return nil, signer{}, err
+	}
+	ref, err := c.Active.ref(tenant)
+	if err != nil {
+		return nil, signer{}, err
+	}
+	return c, signer{prov: prov, ref: ref}, nil
+}
+
+// Sign signs a message or a SHA-256 digest with the chain's active key (raw r‖s).
+func (s *Service) Sign(ctx context.Context, tenant, id string, req SignRequest) (*SignResult, error) {
+	if req.Alg != "" && req.Alg != providers.ES256 {
+		return nil, badRequest("unsupported_alg", "alg must be ES256 (got %q)", req.Alg)
+	}
+	if (req.Data == nil) == (req.Digest == nil) {
+		return nil, badRequest("validation_failed", "send exactly one of data and digest")
+	}
+	_, sg, err := s.signingChain(ctx, tenant, id)
+	if err != nil {
+		return nil, err
+	}
+	var sig []byte
+	if req.Digest != nil {
+		if len(req.Digest) != sha256.Size {
+			return nil, badRequest("invalid_digest", "digest must be %d bytes for ES256, got %d", sha256.Size, len(req.Digest))
+		}
+		if !sg.prov.Capabilities().CanSignDigest {
+			return nil, providers.Errorf(providers.KindNotSupported, "provider %q signs whole messages only: send data instead of digest",
+				sg.prov.ID()).WithCode("digest_not_supported")
+		}
+		sig, err = sg.prov.SignDigest(ctx, sg.ref, providers.ES256, req.Digest)
+	} else {
+		sig, err = sg.sign(ctx, req.Data)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &SignResult{Signature: sig, KID: sg.ref.KID}, nil
+}
+
+// JWS signs a JSON payload as a compact JWS (alg ES256, kid of the active key, x5c per request).
+// The signing input is built here and signed through the provider, so the key never leaves it.
+func (s *Service) JWS(ctx context.Context, tenant, id string, req JWSRequest) (*JWSResult, error) {
+	x5c := req.X5C
+	if x5c == "" {
+		// Leaf only by default: HAIP wants the trust anchor outside x5c (SD-JWT VC, status lists).
+		x5c = X5CLeaf
+	}
+	if x5c != X5CLeaf && x5c != X5CChain && x5c != X5CNone {
+		return nil, badRequest("validation_failed", "x5c must be leaf, chain or none (got %q)", req.X5C)
+	}
+	var payload bytes.Buffer
+	if err := json.Compact(&payload, req.Payload); err != nil || payload.Len() == 0 {
+		return nil, badRequest("validation_failed", "payload must be JSON")
+	}
+	hdr := make(map[string]any, len(req.Header)+3)
+	for k, v := range req.Header {
+		if reservedHeaders[k] {
+			return nil, badRequest("validation_failed", "header %q is set by kmsgate and cannot be given", k)
+		}
+		hdr[k] = v
+	}
+	c, sg, err := s.signingChain(ctx, tenant, id)
+	if err != nil {
+		return nil, err
+	}
+	hdr["alg"], hdr["kid"] = providers.ES256, c.Active.KID
+	if x5c != X5CNone {
+		certs, err := parsePEMChain(c.ActiveCertificate)
+		if err != nil {
+			return nil, fmt.Errorf("stored certificate of chain %s: %w", id, err)
+		}
+		if x5c == X5CLeaf && len(certs) > 1 {
+			certs = certs[:1]
+		}
+		if len(certs) > 0 {
+			list := make([]string, len(certs))
+			for i, cert := range certs {
+				// x5c is standard base64 DER, not base64url (RFC 7515 §4.1.6).
+				list[i] = base64.StdEncoding.EncodeToString(cert.Raw)
+			}
+			hdr["x5c"] = list
+		}
+	}
+	hj, err := json.Marshal(hdr)
+	if err != nil {
+		return nil, badRequest("validation_failed", "header cannot be encoded: %v", err)
+	}
+	input := base64.RawURLEncoding.EncodeToString(hj) + "." + base64.RawURLEncoding.EncodeToString(payload.Bytes())
+	sig, err := sg.sign(ctx, []byte(input))
+	if err != nil {
+		return nil, err
+	}
+	return &JWSResult{JWS: input + "." + base64.RawURLEncoding.EncodeToString(sig), KID: c.Active.KID}, nil
+}
+
+// publishable returns the chain's public signing keys: the active key and, during its grace
+// period, the previous one. Encrypt chains publish nothing here: their key is not a signature key.
+func (s *Service) publishable(c *Chain) []keyutil.JWK {
+	if c.Usage == KeyUseEncrypt {
+		return nil
+	}
+	pub := func(k StoredKey) keyutil.JWK {
+		j := k.PublicJWK.Public()
+		j.Kid, j.Alg, j.Use = k.KID, providers.ES256, "sig"
+		return j
+	}
+	out := []keyutil.JWK{pub(c.Active)}
+	if c.Previous != nil && c.PreviousKeyExpiry != nil && s.now().Before(*c.PreviousKeyExpiry) {
+		out = append(out, pub(*c.Previous))
+	}
+	return out
+}
+
+// ChainJWKS is GET /key-chain/{id}/jwks.
+func (s *Service) ChainJWKS(ctx context.Context, tenant, id string) (*JWKS, error) {
+	c, err := s.load(ctx, tenant, id)
+	if err != nil {
+		return nil, err
+	}
+	return &JWKS{Keys: append([]keyutil.JWK{}, s.publishable(c)...)}, nil
+}
+
+// TenantJWKS is GET /jwks: every signing chain of the tenant.
+func (s *Service) TenantJWKS(ctx context.Context, tenant string) (*JWKS, error) {
+	chains, err := s.list(ctx, tenantPrefix(tenant))
+	if err != nil {
+		return nil, err
+	}
+	out := &JWKS{Keys: []keyutil.JWK{}}
+	for _, c := range chains {
+		out.Keys = append(out.Keys, s.publishable(c)...)
+	}
+	return out, nil
+}
+
+// ResolveUsage returns the id of the tenant's chain for a usage type (the oldest one when there
+// are several). A statusList request falls back to the attestation chain, as the seed says, so
+// status lists stay under the same trust anchor as the credentials.
+func (s *Service) ResolveUsage(ctx context.Context, tenant, usage string) (string, error) {
+	if err := validateUsage(usage); err != nil {
+		return "", err
+	}
+	chains, err := s.list(ctx, tenantPrefix(tenant))
+	if err != nil {
+		return "", err
+	}
+	find := func(u string) string {
+		for _, c := range chains {
+			if c.UsageType == u {
+				return c.ID
+			}
+		}
+		return ""
+	}
+	if id := find(usage); id != "" {
+		return id, nil
+	}
+	if usage == UsageStatusList {
+		if id := find(UsageAttestation); id != "" {
+			return id, nil
+		}
+	}
+	return "", providers.Errorf(providers.KindNotFound, "no key chain with usageType %q", usage).WithCode("key_chain_not_found")
+}

@@ -1,0 +1,165 @@
+package keychain
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/kmsgate/kmsgate/providers"
+	"github.com/kmsgate/kmsgate/providers/keyutil"
+)
+
+// badCert is the 400 every certificate validation failure answers with.
+func badCert(format string, args ...any) error {
+	return providers.Errorf(providers.KindBadInput, format, args...).WithCode("invalid_certificate")
+}
+
+func badRequest(code, format string, args ...any) error {
+	return providers.Errorf(providers.KindBadInput, format, args...).WithCode(code)
+}
+
+// label names certificate i of a crt array for error messages.
+func label(field string, i, n int) string {
+	role := "intermediate"
+	switch {
+	case i == 0 && n == 1:
+		role = "only certificate"
+	case i == 0:
+		role = "leaf"
+	case i == n-1:
+		role = "last/root"
+	}
+	return fmt.Sprintf("%s[%d] (%s)", field, i, role)
+}
+
+// parseCertEntry accepts one certificate as PEM or as standard base64 DER (EUDIPLO L accepts both).
+func parseCertEntry(s string) (*x509.Certificate, error) {
+	t := strings.TrimSpace(s)
+	if t == "" {
+		return nil, fmt.Errorf("is empty")
+	}
+	if strings.HasPrefix(t, "-----BEGIN") {
+		blk, rest := pem.Decode([]byte(t))
+		if blk == nil {
+			return nil, fmt.Errorf("is not valid PEM")
+		}
+		if blk.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("is a PEM %q block, not a CERTIFICATE", blk.Type)
+		}
+		if len(bytes.TrimSpace(rest)) != 0 {
+			return nil, fmt.Errorf("holds more than one PEM block: give one certificate per entry")
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("is not a valid X.509 certificate: %w", err)
+		}
+		return c, nil
+	}
+	der, err := base64.StdEncoding.DecodeString(strings.Join(strings.Fields(t), ""))
+	if err != nil {
+		return nil, fmt.Errorf("is neither PEM nor base64 DER")
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("is neither PEM nor base64 DER of an X.509 certificate: %w", err)
+	}
+	return c, nil
+}
+
+// validateChain parses and checks an imported certificate array: every entry parses, is a P-256
+// EC certificate, is valid at now, and each entry is signed by the next one (leaf first). A last
+// entry that is self-issued must carry a valid self-signature. Every failure names the entry.
+func validateChain(field string, entries []string, now time.Time) ([]*x509.Certificate, error) {
+	n := len(entries)
+	certs := make([]*x509.Certificate, n)
+	for i, e := range entries {
+		c, err := parseCertEntry(e)
+		if err != nil {
+			return nil, badCert("%s %v", label(field, i, n), err)
+		}
+		pub, ok := c.PublicKey.(*ecdsa.PublicKey)
+		if !ok || pub.Curve != elliptic.P256() {
+			return nil, badCert("%s does not hold a P-256 EC public key", label(field, i, n))
+		}
+		if now.Before(c.NotBefore) {
+			return nil, badCert("%s (subject %q) is not valid before %s", label(field, i, n), dnString(c.Subject),
+				c.NotBefore.UTC().Format(time.RFC3339))
+		}
+		if now.After(c.NotAfter) {
+			return nil, badCert("%s (subject %q) expired at %s", label(field, i, n), dnString(c.Subject),
+				c.NotAfter.UTC().Format(time.RFC3339))
+		}
+		certs[i] = c
+	}
+	for i := 0; i+1 < n; i++ {
+		child, parent := certs[i], certs[i+1]
+		if !bytes.Equal(child.RawIssuer, parent.RawSubject) {
+			return nil, badCert("%s: its issuer %q is not the subject %q of %s: certificates must be leaf first and each one issued by the next",
+				label(field, i, n), dnString(child.Issuer), dnString(parent.Subject), label(field, i+1, n))
+		}
+		if err := child.CheckSignatureFrom(parent); err != nil {
+			return nil, badCert("%s is not validly signed by %s: %v", label(field, i, n), label(field, i+1, n), err)
+		}
+	}
+	if n > 0 {
+		last := certs[n-1]
+		if bytes.Equal(last.RawIssuer, last.RawSubject) && (last.BasicConstraintsValid && last.IsCA) {
+			if err := last.CheckSignatureFrom(last); err != nil {
+				return nil, badCert("%s: its self-signature does not verify: %v", label(field, n-1, n), err)
+			}
+		}
+	}
+	return certs, nil
+}
+
+// requireKeyMatch checks that cert holds pub.
+func requireKeyMatch(field string, i, n int, cert *x509.Certificate, pub *ecdsa.PublicKey, what string) error {
+	cp, _ := cert.PublicKey.(*ecdsa.PublicKey)
+	if !keyutil.SameKey(cp, pub) {
+		return badCert("%s: its public key does not match the %s", label(field, i, n), what)
+	}
+	return nil
+}
+
+// requireCA checks that cert may sign certificates.
+func requireCA(field string, i, n int, cert *x509.Certificate) error {
+	if !cert.BasicConstraintsValid || !cert.IsCA {
+		return badCert("%s is not a CA certificate (basicConstraints CA=true is required for the root)", label(field, i, n))
+	}
+	if cert.KeyUsage != 0 && cert.KeyUsage&x509.KeyUsageCertSign == 0 {
+		return badCert("%s lacks the keyCertSign key usage required for the root", label(field, i, n))
+	}
+	return nil
+}
+
+// pemChain normalises parsed certificates to one stored PEM string.
+func pemChain(certs []*x509.Certificate) string {
+	p := make([]string, len(certs))
+	for i, c := range certs {
+		p[i] = pemOf(c)
+	}
+	return joinPEM(p...)
+}
+
+// splitPEMStrict returns every CERTIFICATE block of s re-encoded on its own, unparsed, so
+// validateChain reports parse errors per entry.
+func splitPEMStrict(s string) []string {
+	var out []string
+	rest := []byte(s)
+	for {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			return out
+		}
+		if blk.Type == "CERTIFICATE" {
+			out = append(out, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: blk.Bytes})))
+		}
+	}
+}

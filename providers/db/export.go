@@ -1,0 +1,29 @@
+package db
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+
+	"github.com/kmsgate/kmsgate/providers"
+)
+
+// ExportPrivate opens a db key's sealed material and returns a copy of its private key. Only the
+// db provider has this: its keys are kmsgate's own, so the export role may take them out (key-chain
+// export); every other backend keeps its private keys. The copy keeps callers from mutating the
+// provider's cached key.
+func (p *Provider) ExportPrivate(ref providers.KeyRef) (*ecdsa.PrivateKey, error) {
+	k, err := p.key(ref)
+	if err != nil {
+		return nil, err
+	}
+	d, err := k.Bytes()
+	if err != nil {
+		return nil, providers.Wrap(providers.KindInternal, err, "encode key")
+	}
+	defer clear(d)
+	out, err := ecdsa.ParseRawPrivateKey(elliptic.P256(), d)
+	if err != nil {
+		return nil, providers.Wrap(providers.KindInternal, err, "decode key")
+	}
+	return out, nil
+}
