@@ -22,7 +22,8 @@ func TestRecoveryUnderLoad(t *testing.T) {
 	env := testenv.NewSoftHSM(t, 1)
 	shim := testenv.BuildFaultShim(t, env.Library)
 	s := openSlot(t, Config{Library: shim.Library, Slot: env.Tokens[0].Label, PIN: env.Tokens[0].PIN, PoolSize: 4,
-		AcquireTimeout: 500 * time.Millisecond, MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+		AcquireTimeout: 500 * time.Millisecond, MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+		Logger: testLogger(t)})
 	mustUp(t, s)
 	ctx := context.Background()
 	k, pub, err := s.Generate(ctx, "recover-me")
@@ -137,4 +138,24 @@ func nonZero(m map[string]uint64) map[string]uint64 {
 		}
 	}
 	return out
+}
+
+// TestPeriodicCanaryDetectsOutage: with no traffic at all, the periodic canary notices the token
+// failing (the slot goes down) and the rebuild brings it back.
+func TestPeriodicCanaryDetectsOutage(t *testing.T) {
+	env := testenv.NewSoftHSM(t, 1)
+	shim := testenv.BuildFaultShim(t, env.Library)
+	s := openSlot(t, Config{Library: shim.Library, Slot: "0", PIN: env.Tokens[0].PIN, PoolSize: 1,
+		CanaryInterval: 20 * time.Millisecond, MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond, Logger: testLogger(t)})
+	mustUp(t, s)
+	shim.Fail(t)
+	waitFor(t, 3*time.Second, "the canary to take the slot down", func() bool { return !s.Up() })
+	shim.Recover(t)
+	waitFor(t, 5*time.Second, "the slot to come back", s.Up)
+	if err := s.Canary(context.Background()); err != nil {
+		t.Fatalf("canary after recovery: %v", err)
+	}
+	if h := s.Health(context.Background()); !h.OK {
+		t.Fatalf("health after recovery: %+v", h)
+	}
 }

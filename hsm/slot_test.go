@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -95,6 +96,9 @@ func TestGenerateSignVerifyAndAttributes(t *testing.T) {
 		t.Fatal("signature does not verify with crypto/ecdsa")
 	}
 	opensslVerify(t, pub, msg, sig)
+	if _, err := s.Sign(ctx, Key{ID: k.ID, Label: "other-kid"}, d[:]); !errors.Is(err, ErrKeyNotFound) {
+		t.Fatalf("right CKA_ID with the wrong label signed: %v", err)
+	}
 
 	got, err := s.PublicKey(ctx, k)
 	if err != nil || !keyutil.SameKey(got, pub) {
@@ -406,3 +410,13 @@ func TestStaleHandleRefind(t *testing.T) {
 		t.Fatal("a stale handle took the slot down")
 	}
 }
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(b)))
+	return len(b), nil
+}
+
+// testLogger shows the slot's log in the test output (only with -v or on failure).
+func testLogger(t *testing.T) *slog.Logger { return slog.New(slog.NewTextHandler(tWriter{t}, nil)) }

@@ -93,8 +93,10 @@ func (f *FaultShim) Recover(t testing.TB) {
 }
 
 // BuildFaultShim compiles the shim with gcc. The fake exists only because real SoftHSM2 cannot
-// produce a device failure on demand (moving its token directory away does not disturb objects
-// and sessions it already holds in memory); everything except the injected failure is SoftHSM2.
+// produce a device failure on demand: moving its token directory away (tried first) makes it
+// answer CKR_OBJECT_HANDLE_INVALID and then report the keys as absent, sessions stay valid, and
+// the objects do not come back when the directory returns — a lost-objects fault, not an HSM
+// outage and recovery. Everything except the injected failure is SoftHSM2.
 // The shim reads KMSGATE_FAULT_FLAG and KMSGATE_FAULT_REAL when the module is loaded, which this
 // function sets for the test.
 func BuildFaultShim(t testing.TB, realLib string) *FaultShim {
