@@ -4,6 +4,8 @@ package appliance
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -50,6 +52,11 @@ type Options struct {
 	Out           io.Writer // where dev-mode banners go
 	Lookup        config.LookupFunc
 	ShutdownGrace time.Duration
+	// TLSCert and TLSKey enable HTTPS on the listener; TLSClientCA additionally requires client
+	// certificates signed by that CA (mTLS). API keys are still checked on top.
+	TLSCert     string
+	TLSKey      string
+	TLSClientCA string
 }
 
 // Appliance is a running kmsgate.
@@ -204,8 +211,44 @@ func (a *Appliance) Run(ctx context.Context) error {
 	return a.Serve(ctx, ln)
 }
 
+// tlsConfig builds the listener's TLS configuration, or nil for plain HTTP.
+func (o Options) tlsConfig() (*tls.Config, error) {
+	if o.TLSCert == "" && o.TLSKey == "" {
+		if o.TLSClientCA != "" {
+			return nil, errors.New("--tls-client-ca needs --tls-cert and --tls-key")
+		}
+		return nil, nil
+	}
+	cert, err := tls.LoadX509KeyPair(o.TLSCert, o.TLSKey)
+	if err != nil {
+		return nil, fmt.Errorf("load TLS certificate: %w", err)
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+	if o.TLSClientCA != "" {
+		pem, err := os.ReadFile(o.TLSClientCA)
+		if err != nil {
+			return nil, fmt.Errorf("read TLS client CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("TLS client CA %s holds no PEM certificate", o.TLSClientCA)
+		}
+		cfg.ClientCAs = pool
+		cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return cfg, nil
+}
+
 // Serve serves on ln until ctx is cancelled.
 func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
+	tcfg, err := a.opts.tlsConfig()
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	if tcfg != nil {
+		ln = tls.NewListener(ln, tcfg)
+	}
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go a.health.run(bg, 15*time.Second)
@@ -243,7 +286,7 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		grace = 30 * time.Second
 	}
 	a.log.Info("shutting down: draining in-flight requests", "grace", grace.String())
-	err := a.app.ShutdownWithTimeout(grace)
+	err = a.app.ShutdownWithTimeout(grace)
 	if sockLn != nil {
 		_ = a.admin.ShutdownWithTimeout(grace)
 		_ = os.Remove(a.opts.SocketPath())

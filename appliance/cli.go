@@ -122,6 +122,9 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.BoolVar(&o.ConfigImportForce, "config-import-force", envBool("KMSGATE_CONFIG_IMPORT_FORCE"), "re-import key chains from <config-dir>/<tenant>/key-chains even when they exist (env KMSGATE_CONFIG_IMPORT_FORCE)")
 	f.DurationVar(&o.RotationCheckInterval, "rotation-check-interval", time.Hour, "how often the scheduler looks for key chains due for rotation")
 	f.DurationVar(&o.RotationGrace, "rotation-grace", 30*24*time.Hour, "how long a rotated-out key stays published and usable before it is deleted")
+	f.StringVar(&o.TLSCert, "tls-cert", os.Getenv("KMSGATE_TLS_CERT"), "PEM certificate for HTTPS (env KMSGATE_TLS_CERT)")
+	f.StringVar(&o.TLSKey, "tls-key", os.Getenv("KMSGATE_TLS_KEY"), "PEM private key for HTTPS (env KMSGATE_TLS_KEY)")
+	f.StringVar(&o.TLSClientCA, "tls-client-ca", os.Getenv("KMSGATE_TLS_CLIENT_CA"), "require client certificates signed by this PEM CA (mTLS; env KMSGATE_TLS_CLIENT_CA)")
 	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
 	return cmd
 }
