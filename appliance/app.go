@@ -19,6 +19,7 @@ import (
 
 	"github.com/kmsgate/kmsgate/api"
 	"github.com/kmsgate/kmsgate/appliance/config"
+	"github.com/kmsgate/kmsgate/appliance/keychain"
 	"github.com/kmsgate/kmsgate/appliance/keys"
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/appliance/store"
@@ -74,6 +75,7 @@ type Appliance struct {
 	app      *fiber.App
 	admin    *fiber.App
 
+	keyChains       *keychain.Service
 	onTenantCreated api.TenantHook
 }
 
