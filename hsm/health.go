@@ -23,19 +23,18 @@ func (s *Slot) Health(ctx context.Context) Health {
 	if p == nil {
 		return Health{OK: false, Error: s.downErr().Error()}
 	}
-	var se *session
-	p.inflight.Add(1)
-	select {
-	case se = <-p.ch:
-	default:
+	se := s.tryAcquire(p)
+	if se == nil {
 		// Every session is busy signing, which proves the slot works; waiting would only
 		// delay the probe and count as pool pressure.
-		p.inflight.Add(-1)
 		return Health{OK: true}
 	}
-	se.p.mod.life.RLock()
+	if err := s.enter(se); err != nil {
+		s.release(se, err)
+		return Health{OK: false, Error: err.Error()}
+	}
 	info, err := se.p.mod.ctx.GetSessionInfo(se.h)
-	se.p.mod.life.RUnlock()
+	s.leave(se)
 	err = s.call("C_GetSessionInfo", err)
 	if err == nil && info.State != pkcs11.CKS_RO_USER_FUNCTIONS && info.State != pkcs11.CKS_RW_USER_FUNCTIONS && s.cfg.PIN != "" {
 		err = &OpError{Op: "C_GetSessionInfo", RV: pkcs11.CKR_USER_NOT_LOGGED_IN, Err: pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)}
@@ -134,9 +133,7 @@ func (s *Slot) Close() error {
 		if s.mod == nil {
 			return
 		}
-		s.mod.life.RLock()
 		s.closeRetired(s.mod)
-		s.mod.life.RUnlock()
 		err = s.mod.Close()
 	})
 	return err

@@ -4,9 +4,9 @@ import (
 	"context"
 	"crypto/ecdsa"
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
 
 	"github.com/miekg/pkcs11"
 )
@@ -32,9 +32,12 @@ func (s *Slot) with(ctx context.Context, f func(se *session) error) error {
 		s.release(se, nil)
 		return err
 	}
-	se.p.mod.life.RLock()
+	if err := s.enter(se); err != nil {
+		s.release(se, err)
+		return err
+	}
 	err = f(se)
-	se.p.mod.life.RUnlock()
+	s.leave(se)
 	s.release(se, err)
 	return err
 }
@@ -49,7 +52,7 @@ func (s *Slot) Generate(ctx context.Context, label string) (Key, *ecdsa.PublicKe
 	if _, err := rand.Read(id); err != nil {
 		return Key{}, nil, err
 	}
-	k := Key{ID: fmt.Sprintf("%x", id), Label: label}
+	k := Key{ID: hex.EncodeToString(id), Label: label}
 	var pub *ecdsa.PublicKey
 	err := s.with(ctx, func(se *session) error {
 		c := se.p.mod.ctx
@@ -98,17 +101,11 @@ func keyTemplate(k Key, class uint, withClass bool) ([]*pkcs11.Attribute, error)
 	return t, nil
 }
 
+// decodeHex parses Key.ID; an ID that is not hex cannot name anything this package created.
 func decodeHex(s string) ([]byte, error) {
-	if len(s) == 0 || len(s)%2 != 0 {
-		return nil, fmt.Errorf("%w: key id %q is not hex CKA_ID", ErrKeyNotFound, s)
-	}
-	b := make([]byte, len(s)/2)
-	for i := range b {
-		v, err := strconv.ParseUint(s[2*i:2*i+2], 16, 8)
-		if err != nil {
-			return nil, fmt.Errorf("%w: key id %q is not hex CKA_ID", ErrKeyNotFound, s)
-		}
-		b[i] = byte(v)
+	b, err := hex.DecodeString(s)
+	if err != nil || len(b) == 0 {
+		return nil, fmt.Errorf("%w: key id %q is not a hex CKA_ID", ErrKeyNotFound, s)
 	}
 	return b, nil
 }
@@ -204,9 +201,12 @@ func (s *Slot) Sign(ctx context.Context, k Key, digest []byte) ([]byte, error) {
 		s.release(se, nil)
 		return nil, err
 	}
-	se.p.mod.life.RLock()
+	if err := s.enter(se); err != nil {
+		s.release(se, err)
+		return nil, err
+	}
 	sig, err := s.signKey(se, k, digest)
-	se.p.mod.life.RUnlock()
+	s.leave(se)
 	s.release(se, err)
 	return sig, err
 }

@@ -101,6 +101,7 @@ func CheckLibrary(path string) error {
 // Module is one loaded and initialised PKCS#11 library, shared by every slot that uses it.
 type Module struct {
 	path string
+	key  string // the registry key, fixed at load so Close removes exactly this entry
 	ctx  *pkcs11.Ctx
 	refs int // guarded by modules.mu
 
@@ -147,7 +148,7 @@ func OpenModule(path string) (*Module, error) {
 	if ctx == nil {
 		return nil, &LoadError{Path: path, Reason: "the library loaded but C_GetFunctionList failed", Fix: "check the vendor module's own configuration (e.g. its config file or environment variable)"}
 	}
-	m := &Module{path: path, ctx: ctx, refs: 1}
+	m := &Module{path: path, key: key, ctx: ctx, refs: 1}
 	if err := m.initialize(); err != nil {
 		ctx.Destroy()
 		return nil, err
@@ -171,9 +172,6 @@ func (m *Module) initialize() error {
 
 // Path is the library path the module was opened with.
 func (m *Module) Path() string { return m.path }
-
-// Ctx exposes the binding for read-only inspection (the hsm slots command).
-func (m *Module) Ctx() *pkcs11.Ctx { return m.ctx }
 
 // Generation identifies the current C_Initialize of the library.
 func (m *Module) Generation() uint64 { return m.gen.Load() }
@@ -220,7 +218,7 @@ func (m *Module) Close() error {
 	if m.refs > 0 {
 		return nil
 	}
-	delete(modules.m, moduleKey(m.path))
+	delete(modules.m, m.key)
 	m.life.Lock()
 	defer m.life.Unlock()
 	var err error

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/miekg/pkcs11"
 )
 
 func (s *Slot) downErr() error {
@@ -29,7 +31,7 @@ func (s *Slot) acquire(ctx context.Context) (*session, error) {
 	p.inflight.Add(1)
 	select {
 	case se := <-p.ch:
-		return se, nil
+		return s.live(se)
 	default:
 	}
 	s.waits.Add(1)
@@ -41,7 +43,7 @@ func (s *Slot) acquire(ctx context.Context) (*session, error) {
 	}()
 	select {
 	case se := <-p.ch:
-		return se, nil
+		return s.live(se)
 	case <-p.dead:
 		p.inflight.Add(-1)
 		return nil, s.downErr()
@@ -56,16 +58,61 @@ func (s *Slot) acquire(ctx context.Context) (*session, error) {
 	}
 }
 
+// live hands out se unless its generation died after the caller loaded the pool: sessions of a
+// retired generation are never used again, so a rebuild can close them safely.
+func (s *Slot) live(se *session) (*session, error) {
+	select {
+	case <-se.p.dead:
+		se.p.ch <- se
+		se.p.inflight.Add(-1)
+		return nil, s.downErr()
+	default:
+		return se, nil
+	}
+}
+
+// tryAcquire takes an idle session of p without waiting, or returns nil. It is for probes, so it
+// does not count waits or exhaustion.
+func (s *Slot) tryAcquire(p *pool) *session {
+	p.inflight.Add(1)
+	select {
+	case se := <-p.ch:
+		if se, err := s.live(se); err == nil {
+			return se
+		}
+		return nil
+	default:
+		p.inflight.Add(-1)
+		return nil
+	}
+}
+
+// errLibraryReset reports a session checked out before another slot re-initialised the library.
+// It carries CKR_SESSION_HANDLE_INVALID so it is fatal for the slot, which then rebuilds.
+var errLibraryReset = fmt.Errorf("the PKCS#11 library was re-initialised after this session was opened: %w",
+	pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID))
+
+// enter takes the library's read lock for a sequence of calls on se. Handles are only valid in
+// the library generation that made them: after a re-initialisation the same numbers may name
+// another slot's new session or another key, so a stale one must never reach the library.
+func (s *Slot) enter(se *session) error {
+	m := se.p.mod
+	m.life.RLock()
+	if se.p.modGen != m.gen.Load() {
+		m.life.RUnlock()
+		return errLibraryReset
+	}
+	return nil
+}
+
+func (s *Slot) leave(se *session) { se.p.mod.life.RUnlock() }
+
 func (s *Slot) release(se *session, err error) {
 	p := se.p
 	if err != nil && ClassOf(err) == ClassFatal {
 		s.markDown(p, err)
 	}
-	select {
-	case <-p.dead: // retired: the rebuild closes every session of this generation
-	default:
-		p.ch <- se
-	}
+	p.ch <- se // never blocks: the channel holds every session of p; a retired pool's are closed from there
 	p.inflight.Add(-1)
 }
 

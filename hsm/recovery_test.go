@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -157,5 +158,88 @@ func TestPeriodicCanaryDetectsOutage(t *testing.T) {
 	}
 	if h := s.Health(context.Background()); !h.OK {
 		t.Fatalf("health after recovery: %+v", h)
+	}
+}
+
+// TestRecoveryTwoSlotsShareLibrary: two slots on one library (one C_Initialize) both fail, both
+// heal — including the library re-initialisation one of them triggers under the other — and
+// closing one slot leaves the library initialised for the other.
+func TestRecoveryTwoSlotsShareLibrary(t *testing.T) {
+	env := testenv.NewSoftHSM(t, 2)
+	shim := testenv.BuildFaultShim(t, env.Library)
+	var slots []*Slot
+	var keys []Key
+	var pubs []*ecdsa.PublicKey
+	for i, tok := range env.Tokens {
+		s, err := Open(context.Background(), Config{Library: shim.Library, Slot: tok.Label, PIN: tok.PIN, PoolSize: 2,
+			MinBackoff: 10 * time.Millisecond, MaxBackoff: 100 * time.Millisecond, Logger: testLogger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		mustUp(t, s)
+		k, pub, err := s.Generate(context.Background(), fmt.Sprint("k", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		slots, keys, pubs = append(slots, s), append(keys, k), append(pubs, pub)
+	}
+	if slots[0].mod != slots[1].mod {
+		t.Fatal("slots of one library do not share the module")
+	}
+	var wrong atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				j := (w + i) % 2
+				d := digest(fmt.Sprint(w, i))
+				sig, err := slots[j].Sign(context.Background(), keys[j], d)
+				if err == nil && !keyutil.VerifyRawDigest(pubs[j], d, sig) {
+					wrong.Add(1)
+				}
+				if err != nil {
+					time.Sleep(time.Millisecond)
+				}
+			}
+		}()
+	}
+	time.Sleep(100 * time.Millisecond)
+	shim.Fail(t)
+	waitFor(t, 3*time.Second, "both slots down", func() bool { return !slots[0].Up() && !slots[1].Up() })
+	time.Sleep(300 * time.Millisecond) // long enough for re-initialisation attempts
+	shim.Recover(t)
+	waitFor(t, 5*time.Second, "both slots up", func() bool { return slots[0].Up() && slots[1].Up() })
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if wrong.Load() != 0 {
+		t.Fatalf("%d wrong signatures", wrong.Load())
+	}
+	for j, s := range slots {
+		d := digest("after")
+		sig, err := s.Sign(context.Background(), keys[j], d)
+		if err != nil || !keyutil.VerifyRawDigest(pubs[j], d, sig) {
+			t.Fatalf("slot %d after recovery: %v", j, err)
+		}
+	}
+	if err := slots[0].Close(); err != nil {
+		t.Fatal(err)
+	}
+	d := digest("one left")
+	sig, err := slots[1].Sign(context.Background(), keys[1], d)
+	if err != nil || !keyutil.VerifyRawDigest(pubs[1], d, sig) {
+		t.Fatalf("closing one slot broke the other (library finalised under it?): %v", err)
+	}
+	if !slots[1].Up() {
+		t.Fatal("remaining slot went down after the other closed")
 	}
 }

@@ -90,6 +90,7 @@ type pool struct {
 	dead     chan struct{}
 	deadOnce sync.Once
 	inflight atomic.Int64
+	closed   int // sessions closed by closeRetired (supervisor goroutine only)
 
 	canaryKey pkcs11.ObjectHandle
 	canaryPub *ecdsa.PublicKey
@@ -124,6 +125,9 @@ type Slot struct {
 	mod      *Module
 	retired  []*pool
 	buildGen uint64
+	// failedGen is the library generation the last failed build ran against: re-initialise
+	// only if nobody has done so since, or slots sharing the library finalise each other.
+	failedGen uint64
 
 	mu          sync.Mutex // guards the fields below
 	lastErr     error
@@ -222,9 +226,7 @@ func (s *Slot) supervise() {
 			return
 		case <-s.kick:
 		case <-tick:
-			ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
-			_ = s.Canary(ctx)
-			cancel()
+			s.periodicCanary()
 		}
 	}
 }
@@ -256,8 +258,8 @@ func (s *Slot) build(ctx context.Context, attempt int) error {
 	}
 	m := s.mod
 	if attempt > 0 && needsReinit(cause, attempt) {
-		s.log.Info("re-initialising the PKCS#11 library", "cause", cause)
-		if err := m.Reinitialize(m.Generation()); err != nil {
+		s.log.Info("re-initialising the PKCS#11 library (unless another slot already did)", "cause", cause)
+		if err := m.Reinitialize(s.failedGen); err != nil {
 			if rv, ok := rvOf(err); ok {
 				s.errs[ckrSlot(rv)].Add(1)
 			}
@@ -267,9 +269,10 @@ func (s *Slot) build(ctx context.Context, attempt int) error {
 	if err := m.ensure(); err != nil {
 		return err
 	}
+	s.closeRetired(m)
 	m.life.RLock()
 	defer m.life.RUnlock()
-	s.closeRetired(m)
+	s.failedGen = m.Generation() // kept only if this build fails
 
 	slotID, tok, err := s.resolve(m.ctx)
 	if err != nil {
@@ -366,14 +369,32 @@ func (s *Slot) closeRetired(m *Module) {
 			keep = append(keep, p) // the live pool
 			continue
 		}
+		// Wait without holding the library lock, so calls that still need it can finish.
 		deadline := time.Now().Add(2 * time.Second)
 		for p.inflight.Load() > 0 && time.Now().Before(deadline) {
 			time.Sleep(5 * time.Millisecond)
 		}
-		if p.modGen == m.Generation() {
-			for _, se := range p.all {
-				_ = m.ctx.CloseSession(se.h)
+		// Close only sessions that are back in the channel: one still held by a caller (a call
+		// stuck in the library) must not be closed under it, which can crash the module; it is
+		// closed at the next rebuild or at Close once it has been released.
+		m.life.RLock()
+		sameGen := p.modGen == m.Generation()
+	drain:
+		for {
+			select {
+			case se := <-p.ch:
+				if sameGen {
+					_ = m.ctx.CloseSession(se.h)
+				}
+				p.closed++
+			default:
+				break drain
 			}
+		}
+		m.life.RUnlock()
+		if p.closed < len(p.all) {
+			s.log.Warn("pkcs11 sessions still in use by stuck calls; closing them later", "held", len(p.all)-p.closed)
+			keep = append(keep, p)
 		}
 	}
 	s.retired = keep
@@ -512,9 +533,27 @@ func (s *Slot) Canary(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	se.p.mod.life.RLock()
-	err = s.canarySign(se.p, se)
-	se.p.mod.life.RUnlock()
+	return s.canaryOn(se)
+}
+
+// periodicCanary runs the canary only if a session is idle: a saturated pool is busy signing,
+// which is proof enough, and waiting would count as pool pressure.
+func (s *Slot) periodicCanary() {
+	p := s.cur.Load()
+	if p == nil {
+		return
+	}
+	if se := s.tryAcquire(p); se != nil {
+		_ = s.canaryOn(se)
+	}
+}
+
+func (s *Slot) canaryOn(se *session) error {
+	err := s.enter(se)
+	if err == nil {
+		err = s.canarySign(se.p, se)
+		s.leave(se)
+	}
 	s.release(se, err)
 	s.mu.Lock()
 	s.canaryAt, s.canaryLast = time.Now(), err

@@ -74,9 +74,10 @@ type FaultShim struct {
 	FlagFile string // while this file exists every call answers CKR_DEVICE_ERROR
 }
 
-// Fail makes the "HSM" fail: every call returns CKR_DEVICE_ERROR and, at the first failing call,
-// the shim closes every real session so that, once it comes back, old session handles are dead
-// and the application is logged out — what an HSM reboot or a network HSM failover does.
+// Fail makes the "HSM" fail: every call returns CKR_DEVICE_ERROR, and once it is back every
+// session opened before the failure answers CKR_SESSION_HANDLE_INVALID — what an HSM reboot or a
+// network HSM failover does. (The login state of SoftHSM2 itself survives, so a new session is
+// already logged in and C_Login answers CKR_USER_ALREADY_LOGGED_IN, which kmsgate accepts.)
 func (f *FaultShim) Fail(t testing.TB) {
 	t.Helper()
 	if err := os.WriteFile(f.FlagFile, []byte("down"), 0o600); err != nil {
@@ -137,41 +138,82 @@ const shimSource = `
 static CK_FUNCTION_LIST_PTR real;
 static CK_FUNCTION_LIST shim;
 static char flag[4096];
-static int was_down;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
-/* down reports whether the flag file exists; on the transition to down it closes every real
-   session, as an HSM that reboots would. */
+/* Sessions opened through the shim and the outage epoch they belong to. An outage bumps the
+   epoch; afterwards every older session answers CKR_SESSION_HANDLE_INVALID, as after an HSM
+   reboot. The real sessions are not closed here: closing them under another thread's C_Sign
+   would crash SoftHSM2, which is not the fault being simulated. */
+#define MAXS 4096
+static CK_SESSION_HANDLE sess[MAXS];
+static unsigned long sess_epoch[MAXS];
+static int nsess;
+static unsigned long epoch;
+static int was_down;
+
 static int down(void) {
 	struct stat st;
 	int d = stat(flag, &st) == 0;
 	pthread_mutex_lock(&mu);
-	if (d && !was_down) {
-		CK_SLOT_ID slots[64];
-		CK_ULONG n = 64;
-		if (real->C_GetSlotList(CK_TRUE, slots, &n) == CKR_OK) {
-			for (CK_ULONG i = 0; i < n; i++) real->C_CloseAllSessions(slots[i]);
-		}
-	}
+	if (d && !was_down) epoch++;
 	was_down = d;
 	pthread_mutex_unlock(&mu);
 	return d;
 }
 
+static int stale(CK_SESSION_HANDLE h) {
+	int r = 0;
+	pthread_mutex_lock(&mu);
+	for (int i = 0; i < nsess; i++) {
+		if (sess[i] == h) { r = sess_epoch[i] != epoch; break; }
+	}
+	pthread_mutex_unlock(&mu);
+	return r;
+}
+
+static void track(CK_SESSION_HANDLE h) {
+	pthread_mutex_lock(&mu);
+	int i;
+	for (i = 0; i < nsess && sess[i] != h; i++) {}
+	if (i == nsess) {
+		if (nsess == MAXS) i = 0; else nsess++;
+	}
+	sess[i] = h;
+	sess_epoch[i] = epoch;
+	pthread_mutex_unlock(&mu);
+}
+
+static void untrack(CK_SESSION_HANDLE h, int all) {
+	pthread_mutex_lock(&mu);
+	for (int i = 0; i < nsess; i++) {
+		if (all || sess[i] == h) { sess[i] = sess[nsess - 1]; sess_epoch[i] = sess_epoch[nsess - 1]; nsess--; i--; if (!all) break; }
+	}
+	pthread_mutex_unlock(&mu);
+}
+
 #define GUARD if (down()) return CKR_DEVICE_ERROR
+#define GUARD_S(h) GUARD; if (stale(h)) return CKR_SESSION_HANDLE_INVALID
 
 static CK_RV s_Initialize(CK_VOID_PTR a) { GUARD; return real->C_Initialize(a); }
+static CK_RV s_Finalize(CK_VOID_PTR a) { untrack(0, 1); return real->C_Finalize(a); }
 static CK_RV s_GetSlotList(CK_BBOOL p, CK_SLOT_ID_PTR l, CK_ULONG_PTR n) { GUARD; return real->C_GetSlotList(p, l, n); }
 static CK_RV s_GetTokenInfo(CK_SLOT_ID s, CK_TOKEN_INFO_PTR i) { GUARD; return real->C_GetTokenInfo(s, i); }
-static CK_RV s_OpenSession(CK_SLOT_ID s, CK_FLAGS f, CK_VOID_PTR a, CK_NOTIFY n, CK_SESSION_HANDLE_PTR h) { GUARD; return real->C_OpenSession(s, f, a, n, h); }
-static CK_RV s_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR i) { GUARD; return real->C_GetSessionInfo(h, i); }
-static CK_RV s_Login(CK_SESSION_HANDLE h, CK_USER_TYPE u, CK_UTF8CHAR_PTR p, CK_ULONG l) { GUARD; return real->C_Login(h, u, p, l); }
-static CK_RV s_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n) { GUARD; return real->C_FindObjectsInit(h, t, n); }
-static CK_RV s_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR o, CK_ULONG m, CK_ULONG_PTR n) { GUARD; return real->C_FindObjects(h, o, m, n); }
-static CK_RV s_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) { GUARD; return real->C_SignInit(h, m, k); }
-static CK_RV s_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR s, CK_ULONG_PTR sl) { GUARD; return real->C_Sign(h, d, dl, s, sl); }
-static CK_RV s_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR pt, CK_ULONG pn, CK_ATTRIBUTE_PTR vt, CK_ULONG vn, CK_OBJECT_HANDLE_PTR pk, CK_OBJECT_HANDLE_PTR vk) { GUARD; return real->C_GenerateKeyPair(h, m, pt, pn, vt, vn, pk, vk); }
-static CK_RV s_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n) { GUARD; return real->C_GetAttributeValue(h, o, t, n); }
+static CK_RV s_OpenSession(CK_SLOT_ID s, CK_FLAGS f, CK_VOID_PTR a, CK_NOTIFY n, CK_SESSION_HANDLE_PTR h) {
+	GUARD;
+	CK_RV rv = real->C_OpenSession(s, f, a, n, h);
+	if (rv == CKR_OK) track(*h);
+	return rv;
+}
+static CK_RV s_CloseSession(CK_SESSION_HANDLE h) { untrack(h, 0); return real->C_CloseSession(h); }
+static CK_RV s_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR i) { GUARD_S(h); return real->C_GetSessionInfo(h, i); }
+static CK_RV s_Login(CK_SESSION_HANDLE h, CK_USER_TYPE u, CK_UTF8CHAR_PTR p, CK_ULONG l) { GUARD_S(h); return real->C_Login(h, u, p, l); }
+static CK_RV s_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n) { GUARD_S(h); return real->C_FindObjectsInit(h, t, n); }
+static CK_RV s_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR o, CK_ULONG m, CK_ULONG_PTR n) { GUARD_S(h); return real->C_FindObjects(h, o, m, n); }
+static CK_RV s_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) { GUARD_S(h); return real->C_SignInit(h, m, k); }
+static CK_RV s_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR s, CK_ULONG_PTR sl) { GUARD_S(h); return real->C_Sign(h, d, dl, s, sl); }
+static CK_RV s_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR pt, CK_ULONG pn, CK_ATTRIBUTE_PTR vt, CK_ULONG vn, CK_OBJECT_HANDLE_PTR pk, CK_OBJECT_HANDLE_PTR vk) { GUARD_S(h); return real->C_GenerateKeyPair(h, m, pt, pn, vt, vn, pk, vk); }
+static CK_RV s_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n) { GUARD_S(h); return real->C_GetAttributeValue(h, o, t, n); }
+static CK_RV s_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o) { GUARD_S(h); return real->C_DestroyObject(h, o); }
 
 CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out) {
 	if (real == NULL) {
@@ -185,9 +227,11 @@ CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out) {
 		if (gfl == NULL || gfl(&real) != CKR_OK) return CKR_GENERAL_ERROR;
 		shim = *real;
 		shim.C_Initialize = s_Initialize;
+		shim.C_Finalize = s_Finalize;
 		shim.C_GetSlotList = s_GetSlotList;
 		shim.C_GetTokenInfo = s_GetTokenInfo;
 		shim.C_OpenSession = s_OpenSession;
+		shim.C_CloseSession = s_CloseSession;
 		shim.C_GetSessionInfo = s_GetSessionInfo;
 		shim.C_Login = s_Login;
 		shim.C_FindObjectsInit = s_FindObjectsInit;
@@ -196,6 +240,7 @@ CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out) {
 		shim.C_Sign = s_Sign;
 		shim.C_GenerateKeyPair = s_GenerateKeyPair;
 		shim.C_GetAttributeValue = s_GetAttributeValue;
+		shim.C_DestroyObject = s_DestroyObject;
 	}
 	*out = &shim;
 	return CKR_OK;

@@ -1,6 +1,22 @@
 // Package pkcs11 is the kmsgate provider for PKCS#11 tokens and HSMs. It maps the provider
 // contract onto an hsm.Slot (pooled logged-in sessions, handle cache, self-healing) and owns
 // only what the contract adds: configuration, error kinds, and the key reference format.
+//
+// A kms.json entry:
+//
+//	{
+//	  "id": "hsm", "type": "pkcs11", "description": "Primary HSM",
+//	  "library": "/usr/lib/softhsm/libsofthsm2.so",
+//	  "slot": "kmsgate",            // token label, or an index: 0 / "0"
+//	  "pin": "${HSM_PIN}",
+//	  "readOnly": false,            // optional: read-only sessions, no create/delete
+//	  "poolSize": 8,                // optional: default 2×GOMAXPROCS (min 4), capped by the token
+//	  "acquireTimeout": "2s",       // optional: wait bound for a free session (then 503)
+//	  "canaryInterval": "30s"       // optional: periodic canary signature
+//	}
+//
+// Keys: CKA_LABEL is the kid and a random 16-byte CKA_ID ties the pair; KeyRef.ExternalID is
+// the hex CKA_ID, so tenants that reuse a kid never share a token object.
 package pkcs11
 
 import (
