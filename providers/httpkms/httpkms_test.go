@@ -1,0 +1,386 @@
+package httpkms
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/kmsgate/kmsgate/providers"
+	"github.com/kmsgate/kmsgate/providers/providertest"
+)
+
+func newProvider(t *testing.T, cfg map[string]any) (*Provider, error) {
+	t.Helper()
+	if _, ok := cfg["id"]; !ok {
+		cfg["id"] = "remote"
+	}
+	cfg["type"] = "http"
+	raw, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return New(context.Background(), providers.Config{ID: cfg["id"].(string), Type: "http", Raw: raw}, nil)
+}
+
+func mustProvider(t *testing.T, cfg map[string]any) *Provider {
+	t.Helper()
+	p, err := newProvider(t, cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	return p
+}
+
+// harness restarts the server under the outer test, so it outlives the suite's subtests.
+func harness(outer *testing.T, cs *contractServer, cfg func() map[string]any) providertest.Harness {
+	return providertest.Harness{
+		New:          func(t *testing.T) providers.Provider { return mustProvider(t, cfg()) },
+		StopBackend:  func(*testing.T) { cs.stop() },
+		StartBackend: func(*testing.T) { cs.start(outer) },
+	}
+}
+
+func bearerAuth(token string) func(*http.Request) bool {
+	return func(r *http.Request) bool { return r.Header.Get("Authorization") == "Bearer "+token }
+}
+
+// The contract exactly as §6 writes it: static apiKey as Bearer, import allowed, no digest.
+func TestContractPlainAPIKey(t *testing.T) {
+	cs := &contractServer{canImport: true, auth: bearerAuth("k3y")}
+	cs.start(t)
+	h := harness(t, cs, func() map[string]any {
+		return map[string]any{"baseUrl": cs.url() + "/", "apiKey": "k3y", "canImport": true, "timeout": "2s"}
+	})
+	h.HealthTimeout = 3 * time.Second
+	providertest.Run(t, h)
+}
+
+// kmsgate's digest extension advertised in /health, auth object of type bearer.
+func TestContractDigestExtension(t *testing.T) {
+	cs := &contractServer{digest: true, auth: bearerAuth("tok")}
+	cs.start(t)
+	p := mustProvider(t, map[string]any{"baseUrl": cs.url(), "auth": map[string]any{"type": "bearer", "token": "tok"}})
+	if !p.Capabilities().CanSignDigest {
+		t.Fatal("digest extension advertised in /health was not detected at New")
+	}
+	p.Close()
+	providertest.Run(t, harness(t, cs, func() map[string]any {
+		return map[string]any{"baseUrl": cs.url(), "auth": map[string]any{"type": "bearer", "token": "tok"}}
+	}))
+}
+
+func TestContractXAPIKey(t *testing.T) {
+	cs := &contractServer{auth: func(r *http.Request) bool {
+		return r.Header.Get("x-api-key") == "xk" && r.Header.Get("Authorization") == ""
+	}}
+	cs.start(t)
+	providertest.Run(t, harness(t, cs, func() map[string]any {
+		return map[string]any{"baseUrl": cs.url(), "apiKey": "xk", "apiKeyHeader": "x-api-key"}
+	}))
+}
+
+func TestContractOAuth2ClientCredentials(t *testing.T) {
+	var fetches atomic.Int32
+	var issued atomic.Value
+	tokenSrv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || r.FormValue("grant_type") != "client_credentials" ||
+			r.FormValue("client_id") != "cid" || r.FormValue("client_secret") != "s3cret-value" || r.FormValue("scope") != "kms" {
+			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "invalid_client"})
+			return
+		}
+		n := fetches.Add(1)
+		tok := "at-" + string(rune('a'+n))
+		issued.Store(tok)
+		writeJSON(w, http.StatusOK, map[string]any{"access_token": tok, "token_type": "Bearer", "expires_in": 3600})
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go tokenSrv.Serve(ln)
+	t.Cleanup(func() { tokenSrv.Close() })
+	cs := &contractServer{auth: func(r *http.Request) bool {
+		tok, _ := issued.Load().(string)
+		return tok != "" && r.Header.Get("Authorization") == "Bearer "+tok
+	}}
+	cs.start(t)
+	cfg := func() map[string]any {
+		return map[string]any{"baseUrl": cs.url(), "auth": map[string]any{"type": "oauth2-client-credentials",
+			"tokenUrl": "http://" + ln.Addr().String() + "/token", "clientId": "cid", "clientSecret": "s3cret-value", "scope": "kms"}}
+	}
+	providertest.Run(t, harness(t, cs, cfg))
+	if n := fetches.Load(); n != 1 {
+		t.Fatalf("token endpoint called %d times for one provider, want 1 (token must be cached)", n)
+	}
+
+	// A token the server no longer accepts (revoked early) is refreshed once, transparently.
+	p := mustProvider(t, cfg())
+	defer p.Close()
+	issued.Store("revoked-on-server")
+	if h := p.Health(context.Background()); !h.OK {
+		t.Fatalf("health after server-side revocation: %+v (want a transparent token refresh)", h)
+	}
+
+	// Wrong secret: the error says what failed and never echoes the secret.
+	bad := cfg()
+	bad["auth"].(map[string]any)["clientSecret"] = "wrong-secret-value"
+	pb := mustProvider(t, bad)
+	defer pb.Close()
+	h := pb.Health(context.Background())
+	if h.OK || !strings.Contains(h.Error, "OAuth2") || strings.Contains(h.Error, "wrong-secret-value") {
+		t.Fatalf("health with a bad client secret: %+v", h)
+	}
+	_, err = pb.SignMessage(context.Background(), providers.KeyRef{KID: "x"}, "ES256", []byte("m"))
+	if err == nil || strings.Contains(err.Error(), "wrong-secret-value") {
+		t.Fatalf("sign with a bad client secret: %v", err)
+	}
+}
+
+func TestContractMTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca, caKey := newCA(t)
+	writePEM(t, filepath.Join(dir, "ca.pem"), "CERTIFICATE", ca.Raw)
+	srvCert := issue(t, ca, caKey, "127.0.0.1", x509.ExtKeyUsageServerAuth)
+	cliCert := issue(t, ca, caKey, "kmsgate-client", x509.ExtKeyUsageClientAuth)
+	writePEM(t, filepath.Join(dir, "client.pem"), "CERTIFICATE", cliCert.Certificate[0])
+	kb, _ := x509.MarshalPKCS8PrivateKey(cliCert.PrivateKey)
+	writePEM(t, filepath.Join(dir, "client.key"), "PRIVATE KEY", kb)
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	cs := &contractServer{tls: &tls.Config{Certificates: []tls.Certificate{srvCert}, ClientCAs: pool,
+		ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}}
+	cs.start(t)
+	cfg := func() map[string]any {
+		return map[string]any{"baseUrl": cs.url(), "auth": map[string]any{"type": "mtls",
+			"certFile": filepath.Join(dir, "client.pem"), "keyFile": filepath.Join(dir, "client.key"), "caFile": filepath.Join(dir, "ca.pem")}}
+	}
+	providertest.Run(t, harness(t, cs, cfg))
+
+	// Without the client certificate the server refuses the handshake: health must say so.
+	p := mustProvider(t, map[string]any{"baseUrl": cs.url(), "auth": map[string]any{"type": "none"}})
+	defer p.Close()
+	if h := p.Health(context.Background()); h.OK {
+		t.Fatalf("health without client certificate and unknown CA: %+v, want failure", h)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	cases := map[string]map[string]any{
+		"missing baseUrl":     {},
+		"relative baseUrl":    {"baseUrl": "/x"},
+		"apiKey and auth":     {"baseUrl": "http://127.0.0.1:1", "apiKey": "a", "auth": map[string]any{"type": "none"}},
+		"unknown field":       {"baseUrl": "http://127.0.0.1:1", "apiToken": "a"},
+		"unknown auth type":   {"baseUrl": "http://127.0.0.1:1", "auth": map[string]any{"type": "basic"}},
+		"bearer no token":     {"baseUrl": "http://127.0.0.1:1", "auth": map[string]any{"type": "bearer"}},
+		"oauth2 no secret":    {"baseUrl": "http://127.0.0.1:1", "auth": map[string]any{"type": "oauth2-client-credentials", "tokenUrl": "http://x/t", "clientId": "c"}},
+		"mtls over http":      {"baseUrl": "http://127.0.0.1:1", "auth": map[string]any{"type": "mtls", "certFile": "a", "keyFile": "b"}},
+		"mtls missing files":  {"baseUrl": "https://127.0.0.1:1", "auth": map[string]any{"type": "mtls", "certFile": "/nonexistent", "keyFile": "/nonexistent"}},
+		"field of other type": {"baseUrl": "http://127.0.0.1:1", "auth": map[string]any{"type": "bearer", "token": "t", "certFile": "x"}},
+		"bad timeout":         {"baseUrl": "http://127.0.0.1:1", "timeout": "soon"},
+		"bad apiKeyHeader":    {"baseUrl": "http://127.0.0.1:1", "apiKey": "k", "apiKeyHeader": "cookie"},
+	}
+	for name, cfg := range cases {
+		t.Run(name, func(t *testing.T) {
+			if _, err := newProvider(t, cfg); err == nil {
+				t.Fatal("config accepted, want error")
+			} else if strings.Contains(err.Error(), "\"a\"") && name == "apiKey and auth" {
+				t.Fatalf("error leaks the api key: %v", err)
+			}
+		})
+	}
+	// An unreachable backend is not a config error.
+	p, err := newProvider(t, map[string]any{"baseUrl": "http://127.0.0.1:1", "timeout": "500ms"})
+	if err != nil {
+		t.Fatalf("unreachable backend must still build: %v", err)
+	}
+	if h := p.Health(context.Background()); h.OK || h.Error == "" {
+		t.Fatalf("health of unreachable backend: %+v", h)
+	}
+}
+
+// Generate is never retried blindly; sign is retried on 503 a bounded number of times.
+func TestRetryPolicy(t *testing.T) {
+	cs := &contractServer{}
+	cs.start(t)
+	p := mustProvider(t, map[string]any{"baseUrl": cs.url()})
+	defer p.Close()
+	ctx := context.Background()
+
+	cs.failGen.Store(1)
+	before := cs.calls.generate.Load()
+	_, err := p.Generate(ctx, providers.KeySpec{KID: "g1", Alg: "ES256"})
+	if providers.KindOf(err) != providers.KindUnavailable {
+		t.Fatalf("generate on 503: %v, want KindUnavailable", err)
+	}
+	if n := cs.calls.generate.Load() - before; n != 1 {
+		t.Fatalf("generate was attempted %d times, want exactly 1", n)
+	}
+
+	ref, err := p.Generate(ctx, providers.KeySpec{KID: "g2", Alg: "ES256"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs.failSign.Store(2)
+	before = cs.calls.sign.Load()
+	if _, err := p.SignMessage(ctx, ref, "ES256", []byte("m")); err != nil {
+		t.Fatalf("sign after two 503s should succeed on the third attempt: %v", err)
+	}
+	if n := cs.calls.sign.Load() - before; n != 3 {
+		t.Fatalf("sign attempts = %d, want 3", n)
+	}
+	cs.failSign.Store(10)
+	before = cs.calls.sign.Load()
+	_, err = p.SignMessage(ctx, ref, "ES256", []byte("m"))
+	if providers.KindOf(err) != providers.KindUnavailable {
+		t.Fatalf("sign on persistent 503: %v", err)
+	}
+	if n := cs.calls.sign.Load() - before; n != 3 {
+		t.Fatalf("sign attempts on persistent 503 = %d, want 3 (bounded)", n)
+	}
+	cs.failSign.Store(0)
+
+	// Duplicate kid: the remote's 409 becomes KindConflict.
+	if _, err := p.Generate(ctx, providers.KeySpec{KID: "g2", Alg: "ES256"}); providers.KindOf(err) != providers.KindConflict {
+		t.Fatalf("duplicate generate: %v, want KindConflict", err)
+	}
+}
+
+// A kid with reserved characters reaches the remote as one path segment.
+func TestKidIsPercentEncoded(t *testing.T) {
+	cs := &contractServer{}
+	cs.start(t)
+	p := mustProvider(t, map[string]any{"baseUrl": cs.url()})
+	defer p.Close()
+	ctx := context.Background()
+	kid := "chain/1 ?#%-active"
+	ref, err := p.Generate(ctx, providers.KeySpec{KID: kid, Alg: "ES256"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.SignMessage(ctx, ref, "ES256", []byte("m")); err != nil {
+		t.Fatalf("sign with kid %q: %v", kid, err)
+	}
+	cs.mu.Lock()
+	_, ok := cs.keys[kid]
+	cs.mu.Unlock()
+	if !ok {
+		t.Fatalf("remote stored the key under another name than %q", kid)
+	}
+}
+
+// A misbehaving remote: the provider must reject what the contract forbids.
+func TestResponseValidation(t *testing.T) {
+	var mode atomic.Value
+	mode.Store("")
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch m := mode.Load().(string); m {
+		case "offcurve":
+			writeJSON(w, 200, map[string]any{"publicJwk": map[string]string{"kty": "EC", "crv": "P-256",
+				"x": "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "y": "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}})
+		case "der":
+			writeJSON(w, 200, map[string]string{"signature": strings.Repeat("MEUCIQ", 12)})
+		case "garbage":
+			writeJSON(w, 200, map[string]string{"signature": strings.Repeat("A", 86)}) // 64 zero bytes: does not verify
+		case "429":
+			w.Header().Set("Retry-After", "7")
+			writeErr(w, 429, "slow down")
+		case "500big":
+			writeErr(w, 500, strings.Repeat("x", 10000))
+		case "404":
+			writeErr(w, 404, "unknown key")
+		}
+	})}
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	go srv.Serve(ln)
+	defer srv.Close()
+	p := mustProvider(t, map[string]any{"baseUrl": "http://" + ln.Addr().String(), "canImport": true})
+	defer p.Close()
+	ctx := context.Background()
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ref := providers.KeyRef{KID: "k", ExternalID: "k", Public: &k.PublicKey}
+
+	mode.Store("offcurve")
+	if _, err := p.Generate(ctx, providers.KeySpec{KID: "k", Alg: "ES256"}); err == nil || !strings.Contains(err.Error(), "P-256") {
+		t.Fatalf("off-curve publicJwk accepted: %v", err)
+	}
+	mode.Store("der")
+	if _, err := p.SignMessage(ctx, ref, "ES256", []byte("m")); err == nil || !strings.Contains(err.Error(), "64 bytes") {
+		t.Fatalf("non-64-byte signature accepted: %v", err)
+	}
+	mode.Store("garbage")
+	if _, err := p.SignMessage(ctx, ref, "ES256", []byte("m")); err == nil {
+		t.Fatal("non-verifying signature accepted")
+	}
+	mode.Store("429")
+	_, err := p.SignMessage(ctx, ref, "ES256", []byte("m"))
+	if providers.KindOf(err) != providers.KindThrottled || providers.RetryAfterOf(err) != 7*time.Second {
+		t.Fatalf("429: %v (kind %v, retry %v), want KindThrottled with Retry-After 7s", err, providers.KindOf(err), providers.RetryAfterOf(err))
+	}
+	mode.Store("500big")
+	_, err = p.SignMessage(ctx, ref, "ES256", []byte("m"))
+	if providers.KindOf(err) != providers.KindInternal || !strings.Contains(err.Error(), "500") || len(err.Error()) > 600 {
+		t.Fatalf("500 with a large body: kind %v, %d-char error %.100q", providers.KindOf(err), len(err.Error()), err)
+	}
+	mode.Store("404")
+	if _, err := p.SignMessage(ctx, ref, "ES256", []byte("m")); providers.KindOf(err) != providers.KindNotFound {
+		t.Fatalf("404 on sign: %v, want KindNotFound", err)
+	}
+	if _, err := p.Import(ctx, providers.KeySpec{KID: "k", Alg: "ES256"}, k); providers.KindOf(err) != providers.KindNotSupported {
+		t.Fatalf("404 on import: %v, want KindNotSupported", err)
+	}
+	if err := p.Delete(ctx, ref); err != nil {
+		t.Fatalf("404 on delete must count as already gone: %v", err)
+	}
+}
+
+func newCA(t *testing.T) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true,
+		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tpl, tpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return c, k
+}
+
+func issue(t *testing.T, ca *x509.Certificate, caKey *ecdsa.PrivateKey, name string, usage x509.ExtKeyUsage) tls.Certificate {
+	t.Helper()
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage}}
+	if ip := net.ParseIP(name); ip != nil {
+		tpl.IPAddresses = []net.IP{ip}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tpl, ca, &k.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k}
+}
+
+func writePEM(t *testing.T, path, typ string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
