@@ -120,7 +120,8 @@ func TestMountPerTenant(t *testing.T) {
 func TestTokenRenewal(t *testing.T) {
 	v := testenv.StartVault(t)
 	root := rootClient(t, v)
-	tok := childToken(t, root, "4s", true)
+	// 6s leaves the renewer a 3s margin (it renews at half the TTL) even on a loaded machine.
+	tok := childToken(t, root, "6s", true)
 	p := mustProvider(t, map[string]any{"vaultUrl": v.Addr, "vaultToken": tok})
 	ctx := context.Background()
 	ref, err := p.Generate(ctx, providers.KeySpec{Tenant: "t", KID: "k", Alg: "ES256"})
@@ -129,7 +130,14 @@ func TestTokenRenewal(t *testing.T) {
 	}
 	time.Sleep(9 * time.Second)
 	if _, err := p.SignMessage(ctx, ref, "ES256", []byte("still alive")); err != nil {
-		t.Fatalf("sign 9s into a 4s renewable token: %v (renewal did not happen)", err)
+		t.Fatalf("sign 9s into a 6s renewable token: %v (renewal did not happen)", err)
+	}
+	sec, err := rootClient(t, v).Auth().Token().Lookup(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ttl, _ := sec.TokenTTL(); ttl <= 0 {
+		t.Fatalf("token TTL after renewals = %v", ttl)
 	}
 	if h := p.Health(ctx); !h.OK {
 		t.Fatalf("health: %+v", h)
