@@ -29,7 +29,8 @@ func (s *Slot) Health(ctx context.Context) Health {
 		// delay the probe and count as pool pressure.
 		return Health{OK: true}
 	}
-	if err := s.enter(se); err != nil {
+	// tryEnter: a probe must not wait behind a library re-initialisation.
+	if err := s.tryEnter(se); err != nil {
 		s.release(se, err)
 		return Health{OK: false, Error: err.Error()}
 	}

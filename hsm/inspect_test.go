@@ -2,6 +2,8 @@ package hsm
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -35,6 +37,15 @@ func TestListSlots(t *testing.T) {
 func TestDiagnose(t *testing.T) {
 	env := testenv.NewSoftHSM(t, 2)
 	const pin = "424242-not-it"
+	b, err := os.ReadFile(env.Library)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[18], b[19] = 0xb7, 0x00 // e_machine = EM_AARCH64
+	armLib := filepath.Join(t.TempDir(), "libarm.so")
+	if err := os.WriteFile(armLib, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	cases := []struct {
 		name     string
 		cfg      Config
@@ -43,6 +54,9 @@ func TestDiagnose(t *testing.T) {
 	}{
 		{"ok", Config{Library: env.Library, Slot: env.Tokens[0].Label, PIN: env.Tokens[0].PIN}, "", ""},
 		{"wrong path", Config{Library: "/opt/vendor/lib/libnope.so", Slot: "0", PIN: pin}, "library loads", "does not exist"},
+		{"wrong architecture", Config{Library: armLib, Slot: "0", PIN: pin}, "library loads", "wrong architecture"},
+		// SoftHSM2 always offers one more, uninitialised token after the initialised ones.
+		{"token not initialised", Config{Library: env.Library, Slot: "2", PIN: pin}, "slot resolves", "not initialised"},
 		{"label typo", Config{Library: env.Library, Slot: "kmsgate-test-00", PIN: pin}, "slot resolves", "no initialised token labelled"},
 		{"wrong pin", Config{Library: env.Library, Slot: env.Tokens[1].Label, PIN: pin}, "login works", "wrong PIN"},
 	}

@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -98,6 +99,21 @@ var errLibraryReset = fmt.Errorf("the PKCS#11 library was re-initialised after t
 func (s *Slot) enter(se *session) error {
 	m := se.p.mod
 	m.life.RLock()
+	if se.p.modGen != m.gen.Load() {
+		m.life.RUnlock()
+		return errLibraryReset
+	}
+	return nil
+}
+
+var errLibraryBusy = errors.New("the PKCS#11 library is being re-initialised")
+
+// tryEnter is enter without waiting, for probes.
+func (s *Slot) tryEnter(se *session) error {
+	m := se.p.mod
+	if !m.life.TryRLock() {
+		return errLibraryBusy
+	}
 	if se.p.modGen != m.gen.Load() {
 		m.life.RUnlock()
 		return errLibraryReset

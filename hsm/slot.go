@@ -33,7 +33,8 @@ type Config struct {
 	AcquireTimeout time.Duration
 	// CanaryInterval, when positive, signs with a throw-away session key that often.
 	CanaryInterval time.Duration
-	// MinBackoff and MaxBackoff bound the rebuild retry delay (defaults 50ms and 30s).
+	// MinBackoff and MaxBackoff bound the rebuild retry delay (defaults 50ms and 5s: after a
+	// long outage the slot is back at most MaxBackoff after the token is).
 	MinBackoff, MaxBackoff time.Duration
 	Logger                 *slog.Logger
 }
@@ -169,7 +170,7 @@ func Open(ctx context.Context, cfg Config) (*Slot, error) {
 		cfg.MinBackoff = 50 * time.Millisecond
 	}
 	if cfg.MaxBackoff <= 0 {
-		cfg.MaxBackoff = 30 * time.Second
+		cfg.MaxBackoff = 5 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

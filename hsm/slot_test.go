@@ -420,3 +420,41 @@ func (w tWriter) Write(b []byte) (int, error) {
 
 // testLogger shows the slot's log in the test output (only with -v or on failure).
 func testLogger(t *testing.T) *slog.Logger { return slog.New(slog.NewTextHandler(tWriter{t}, nil)) }
+
+// TestStatsMakeNoPKCS11Call holds the library's write lock — as a stuck re-initialisation
+// would — and checks that Stats still answers: it takes no path into the library.
+func TestStatsMakeNoPKCS11Call(t *testing.T) {
+	env := testenv.NewSoftHSM(t, 1)
+	s := openSlot(t, Config{Library: env.Library, Slot: "0", PIN: env.Tokens[0].PIN, PoolSize: 2})
+	mustUp(t, s)
+	s.mod.life.Lock()
+	done := make(chan Stats, 1)
+	go func() { done <- s.Stats() }()
+	select {
+	case st := <-done:
+		s.mod.life.Unlock()
+		if !st.Up || st.Capacity != 2 {
+			t.Fatalf("stats %+v", st)
+		}
+	case <-time.After(2 * time.Second):
+		s.mod.life.Unlock()
+		t.Fatal("Stats blocked on the library")
+	}
+	// Health must not wait behind a re-initialisation either.
+	s.mod.life.Lock()
+	hc := make(chan Health, 1)
+	go func() { hc <- s.Health(context.Background()) }()
+	select {
+	case h := <-hc:
+		s.mod.life.Unlock()
+		if h.OK {
+			t.Fatal("health ok while the library is locked for re-initialisation")
+		}
+	case <-time.After(2 * time.Second):
+		s.mod.life.Unlock()
+		t.Fatal("Health blocked on the library")
+	}
+	if h := s.Health(context.Background()); !h.OK {
+		t.Fatalf("health after the lock: %+v", h)
+	}
+}
