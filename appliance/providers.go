@@ -1,6 +1,8 @@
 package appliance
 
 import (
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/hsm"
 	"github.com/kmsgate/kmsgate/metrics"
@@ -35,6 +37,10 @@ type poolStatser interface{ Stats() hsm.Stats }
 func (a *Appliance) registerProviderMetrics() {
 	pools := map[string]poolStatser{}
 	for _, p := range a.registry.All() {
+		// Providers with their own counters (aws-kms throttling) export them directly.
+		if c, ok := p.(prometheus.Collector); ok {
+			a.metrics.Registry.MustRegister(c)
+		}
 		if s, ok := p.(poolStatser); ok {
 			pools[p.ID()] = s
 		}

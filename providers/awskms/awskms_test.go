@@ -153,7 +153,7 @@ func TestThrottlingFake(t *testing.T) {
 		t.Fatal(err)
 	}
 	mfs, gerr := reg.Gather()
-	if gerr != nil || len(mfs) != 1 || mfs[0].GetName() != "kmsgate_provider_throttled_total" ||
+	if gerr != nil || len(mfs) != 1 || mfs[0].GetName() != "kmsgate_awskms_throttled_total" ||
 		len(mfs[0].GetMetric()) != 1 || mfs[0].GetMetric()[0].GetCounter().GetValue() != 1 {
 		t.Fatalf("throttling metric not exported as 1: %v %v", mfs, gerr)
 	}

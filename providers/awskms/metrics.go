@@ -3,7 +3,7 @@ package awskms
 import "github.com/prometheus/client_golang/prometheus"
 
 // throttledDesc is immutable; the count itself lives in each Provider, so nothing is global.
-var throttledDesc = prometheus.NewDesc("kmsgate_provider_throttled_total",
+var throttledDesc = prometheus.NewDesc("kmsgate_awskms_throttled_total",
 	"Backend calls the backend throttled; each was answered 503 with Retry-After.",
 	[]string{"provider", "type"}, nil)
 

@@ -103,8 +103,10 @@ func (c *Config) validate() (*settings, error) {
 		}
 		s.timeout = d
 	}
-	if c.APIKey != "" && c.Auth != nil {
-		return nil, errors.New("apiKey and auth are mutually exclusive; use auth {type:\"bearer\"}")
+	// mTLS authenticates the transport, an API key the caller: a remote kmsgate wants both, so
+	// apiKey may accompany auth {type:"mtls"}; with every other auth type it would be ambiguous.
+	if c.APIKey != "" && c.Auth != nil && c.Auth.Type != AuthMTLS {
+		return nil, errors.New("apiKey and auth are mutually exclusive (except with auth type mtls); use auth {type:\"bearer\"}")
 	}
 	switch strings.ToLower(c.APIKeyHeader) {
 	case "", headerAuthHeader:
