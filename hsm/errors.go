@@ -144,6 +144,8 @@ var (
 	ErrClosed = errors.New("slot is closed")
 	// ErrBadKey: the token returned key material that is not a P-256 point.
 	ErrBadKey = errors.New("token returned an invalid EC public key")
+	// ErrNotP256: the key signs, but not with P-256 (only ES256 is supported).
+	ErrNotP256 = errors.New("the key is not a P-256 key; only ES256 is supported")
 )
 
 // OpError is a failed PKCS#11 call with its return code, for errors.As.

@@ -181,7 +181,7 @@ func (s *Slot) signRaw(se *session, key pkcs11.ObjectHandle, digest []byte) ([]b
 		return nil, s.call("C_Sign", err)
 	}
 	if len(sig) != 64 {
-		return nil, fmt.Errorf("token returned a %d-byte ECDSA signature, want 64 (is the key P-256?)", len(sig))
+		return nil, fmt.Errorf("%w: the token returned a %d-byte ECDSA signature, want 64", ErrNotP256, len(sig))
 	}
 	return sig, nil
 }

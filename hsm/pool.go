@@ -90,8 +90,8 @@ func (s *Slot) tryAcquire(p *pool) *session {
 
 // errLibraryReset reports a session checked out before another slot re-initialised the library.
 // It carries CKR_SESSION_HANDLE_INVALID so it is fatal for the slot, which then rebuilds.
-var errLibraryReset = fmt.Errorf("the PKCS#11 library was re-initialised after this session was opened: %w",
-	pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID))
+var errLibraryReset = &OpError{Op: "session checkout", RV: pkcs11.CKR_SESSION_HANDLE_INVALID,
+	Err: fmt.Errorf("the PKCS#11 library was re-initialised after this session was opened: %w", pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID))}
 
 // enter takes the library's read lock for a sequence of calls on se. Handles are only valid in
 // the library generation that made them: after a re-initialisation the same numbers may name

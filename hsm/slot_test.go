@@ -458,3 +458,33 @@ func TestStatsMakeNoPKCS11Call(t *testing.T) {
 		t.Fatalf("health after the lock: %+v", h)
 	}
 }
+
+// TestOtherCurveRefused: a P-384 key on the token (made behind kmsgate's back) must fail with a
+// clear error, never yield a signature the caller would take for ES256.
+func TestOtherCurveRefused(t *testing.T) {
+	env := testenv.NewSoftHSM(t, 1)
+	s := openSlot(t, Config{Library: env.Library, Slot: "0", PIN: env.Tokens[0].PIN, PoolSize: 1})
+	id := []byte{1, 2, 3, 4}
+	k := Key{ID: "01020304", Label: "p384"}
+	p384 := []byte{0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22}
+	err := s.with(context.Background(), func(se *session) error {
+		_, _, err := se.p.mod.ctx.GenerateKeyPair(se.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_EC_KEY_PAIR_GEN, nil)},
+			[]*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true), pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+				pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, p384), pkcs11.NewAttribute(pkcs11.CKA_LABEL, k.Label), pkcs11.NewAttribute(pkcs11.CKA_ID, id)},
+			[]*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true), pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true), pkcs11.NewAttribute(pkcs11.CKA_LABEL, k.Label), pkcs11.NewAttribute(pkcs11.CKA_ID, id)})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Sign(context.Background(), k, digest("x")); !errors.Is(err, ErrNotP256) {
+		t.Fatalf("sign with a P-384 key: %v, want ErrNotP256", err)
+	}
+	if _, err := s.PublicKey(context.Background(), k); !errors.Is(err, ErrBadKey) {
+		t.Fatalf("public key of a P-384 key: %v, want ErrBadKey", err)
+	}
+	if !s.Up() {
+		t.Fatal("a wrong-curve key took the slot down")
+	}
+}

@@ -211,6 +211,8 @@ func (p *Provider) fail(op string, err error) error {
 		default:
 			kind, msg = providers.KindInternal, "PKCS#11 call failed ("+hsm.CKRName(oe.RV)+")"
 		}
+	case errors.Is(err, hsm.ErrNotP256):
+		kind, msg = providers.KindNotSupported, "the key is not a P-256 key; the pkcs11 provider supports ES256 only"
 	case errors.Is(err, hsm.ErrBadKey):
 		kind, msg = providers.KindInternal, "the token returned an invalid P-256 public key"
 	}
