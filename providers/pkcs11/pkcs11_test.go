@@ -279,3 +279,44 @@ func opensslVerify(t *testing.T, pub *ecdsa.PublicKey, msg, raw []byte) {
 		t.Fatalf("openssl rejects the signature: %v\n%s", err, out)
 	}
 }
+
+// TestTwoProvidersTwoTokensOneLibrary: two providers on two tokens of one library, one by
+// label and one by index, each signs with its own keys and cannot see the other's.
+func TestTwoProvidersTwoTokensOneLibrary(t *testing.T) {
+	env := testenv.NewSoftHSM(t, 2)
+	a := newProvider(t, cfgFor(t, "a", map[string]any{"library": env.Library, "slot": env.Tokens[0].Label, "pin": env.Tokens[0].PIN}))
+	var b *Provider
+	for i := 0; i < 2 && b == nil; i++ {
+		p := newProvider(t, cfgFor(t, "b", map[string]any{"library": env.Library, "slot": i, "pin": env.Tokens[1].PIN}))
+		if p.SlotInfo().TokenLabel == env.Tokens[1].Label {
+			b = p
+		}
+	}
+	if b == nil {
+		t.Fatal("no index selected token 1")
+	}
+	ctx := context.Background()
+	ra, err := a.Generate(ctx, providers.KeySpec{KID: "same"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb, err := b.Generate(ctx, providers.KeySpec{KID: "same"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		p   *Provider
+		ref providers.KeyRef
+	}{{a, ra}, {b, rb}} {
+		sig, err := c.p.SignMessage(ctx, c.ref, "ES256", []byte("m"))
+		if err != nil || !keyutil.VerifyRaw(c.ref.Public, []byte("m"), sig) {
+			t.Fatalf("%s: %v", c.p.ID(), err)
+		}
+	}
+	if _, err := a.SignMessage(ctx, rb, "ES256", []byte("m")); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("provider a signed with token b's key: %v", err)
+	}
+	if a.SlotInfo().TokenLabel == b.SlotInfo().TokenLabel {
+		t.Fatal("both providers on one token")
+	}
+}
