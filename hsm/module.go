@@ -176,11 +176,11 @@ func (m *Module) Path() string { return m.path }
 // Generation identifies the current C_Initialize of the library.
 func (m *Module) Generation() uint64 { return m.gen.Load() }
 
-// Reinitialize runs C_Finalize and C_Initialize to flush the library's state after a device
+// reinitialize runs C_Finalize and C_Initialize to flush the library's state after a device
 // failure. seen is the generation the caller observed failing: if another slot already
 // re-initialised since, nothing is done, so slots sharing the library do not finalise each
 // other in a loop.
-func (m *Module) Reinitialize(seen uint64) error {
+func (m *Module) reinitialize(seen uint64) error {
 	m.life.Lock()
 	defer m.life.Unlock()
 	if m.gen.Load() != seen && m.initialized {

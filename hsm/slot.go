@@ -260,7 +260,7 @@ func (s *Slot) build(ctx context.Context, attempt int) error {
 	m := s.mod
 	if attempt > 0 && needsReinit(cause, attempt) {
 		s.log.Info("re-initialising the PKCS#11 library (unless another slot already did)", "cause", cause)
-		if err := m.Reinitialize(s.failedGen); err != nil {
+		if err := m.reinitialize(s.failedGen); err != nil {
 			if rv, ok := rvOf(err); ok {
 				s.errs[ckrSlot(rv)].Add(1)
 			}
