@@ -194,7 +194,7 @@ func (m *Module) reinitialize(seen uint64) error {
 	return m.initialize()
 }
 
-// ensure re-runs C_Initialize if a previous Reinitialize left the library finalised.
+// ensure re-runs C_Initialize if a previous reinitialize left the library finalised.
 func (m *Module) ensure() error {
 	m.life.RLock()
 	ok := m.initialized
