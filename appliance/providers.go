@@ -4,6 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kmsgate/kmsgate/appliance/seal"
+	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/hsm"
 	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
@@ -18,7 +19,7 @@ import (
 // registration), so tests can run several appliances in one process.
 func (a *Appliance) factories() map[string]providers.Factory {
 	return map[string]providers.Factory{
-		providers.TypeDB:     db.Factory(a.sealer, dbAAD, a.log),
+		providers.TypeDB:     db.Factory(a.sealer, dbAAD, store.SealedKeys{St: a.store}, a.log),
 		providers.TypePKCS11: pkcs11.Factory(a.log),
 		providers.TypeVault:  vault.Factory(a.log),
 		providers.TypeAWSKMS: awskms.Factory(a.log),

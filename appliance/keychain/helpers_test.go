@@ -150,7 +150,8 @@ func newEnv(t *testing.T) *env {
 	}
 	rp := &recProvider{deleted: map[string]bool{}}
 	factories := map[string]providers.Factory{providers.TypeDB: func(ctx context.Context, cfg providers.Config) (providers.Provider, error) {
-		p, err := db.New(cfg, sealer, func(tenant, kid string) []byte { return seal.AAD("db-key", tenant, kid) })
+		p, err := db.New(cfg, sealer, func(tenant, kid string) []byte { return seal.AAD("db-key", tenant, kid) },
+			store.SealedKeys{St: st})
 		if err != nil {
 			return nil, err
 		}

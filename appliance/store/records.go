@@ -1,6 +1,8 @@
 package store
 
 import (
+	"context"
+	"errors"
 	"time"
 
 	"github.com/kmsgate/kmsgate/providers/keyutil"
@@ -13,7 +15,11 @@ const (
 	prefixCredential = "cred/"
 	prefixKey        = "key/"
 	prefixMeta       = "meta/"
+	prefixDBKey      = "dbkey/"
 )
+
+// DBKeyKey is where the db provider keeps one sealed private key.
+func DBKeyKey(id string) string { return prefixDBKey + id }
 
 // TenantKey, CredentialKey, KeyRecordKey and MetaKey build record keys.
 func TenantKey(id string) string     { return prefixTenant + id }
@@ -53,7 +59,7 @@ type Credential struct {
 }
 
 // KeyRecord is the stub entity of a key on the remote-KMS contract face: the provider's reference
-// and the cached public key. Material is the provider's opaque blob (sealed for db).
+// and the cached public key. Material is the provider's opaque blob, if it uses one.
 type KeyRecord struct {
 	Tenant     string      `json:"tenant"`
 	KID        string      `json:"kid"`
@@ -65,4 +71,27 @@ type KeyRecord struct {
 	Imported   bool        `json:"imported,omitempty"`
 	CreatedAt  time.Time   `json:"createdAt"`
 	UpdatedAt  time.Time   `json:"updatedAt"`
+}
+
+// SealedKeys is the db provider's key store: sealed private keys in their own namespace.
+type SealedKeys struct{ St *Store }
+
+// Load returns the sealed key id, or found=false when it does not exist.
+func (k SealedKeys) Load(ctx context.Context, id string) ([]byte, bool, error) {
+	var b []byte
+	err := k.St.Get(ctx, DBKeyKey(id), &b)
+	if errors.Is(err, ErrNotFound) {
+		return nil, false, nil
+	}
+	return b, err == nil, err
+}
+
+// Save writes a new sealed key; ids are random, so an existing one is an error.
+func (k SealedKeys) Save(ctx context.Context, id string, sealed []byte) error {
+	return k.St.Create(ctx, DBKeyKey(id), sealed)
+}
+
+// Remove deletes a sealed key; a missing one is not an error.
+func (k SealedKeys) Remove(ctx context.Context, id string) error {
+	return k.St.Delete(ctx, DBKeyKey(id))
 }

@@ -1,6 +1,7 @@
 // Package db is the built-in provider: P-256 keys generated or imported in process and kept sealed
-// (AES-256-GCM under the master key) in the KeyRef's Material, which the appliance stores in
-// Badger. It is the default when there is no kms.json.
+// (AES-256-GCM under the master key, bound to tenant and kid) in the embedded store, in a namespace
+// of their own. Like every other backend it owns its keys: a KeyRef carries only the key's id, and
+// deleting the key destroys the sealed record. It is the default when there is no kms.json.
 package db
 
 import (
@@ -9,7 +10,9 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/hex"
 	"log/slog"
+	"strings"
 	"sync"
 
 	"github.com/kmsgate/kmsgate/providers"
@@ -25,14 +28,23 @@ type Sealer interface {
 // AADFunc builds the associated data for (tenant, kid).
 type AADFunc func(tenant, kid string) []byte
 
+// KeyStore persists sealed keys; appliance/store adapts to it. Load reports found=false for a
+// missing key. Writes must be durable before they return.
+type KeyStore interface {
+	Load(ctx context.Context, id string) (sealed []byte, found bool, err error)
+	Save(ctx context.Context, id string, sealed []byte) error
+	Remove(ctx context.Context, id string) error
+}
+
 // Provider is the db provider.
 type Provider struct {
 	id, desc string
 	sealer   Sealer
 	aad      AADFunc
+	keys     KeyStore
 
-	// Unsealed keys by sealed blob: a blob is unique per key (random nonce) and immutable, so the
-	// cache can never hand out a stale key, and the hot path skips AES-GCM and scalar decoding.
+	// Unsealed keys by key id. An id is random and never reused, so the cache cannot hand out a
+	// stale key; it spares the hot path a store read, AES-GCM and scalar decoding.
 	mu    sync.RWMutex
 	cache map[string]*ecdsa.PrivateKey
 }
@@ -42,19 +54,19 @@ type config struct {
 }
 
 // New builds a db provider from its kms.json entry.
-func New(cfg providers.Config, sealer Sealer, aad AADFunc) (*Provider, error) {
+func New(cfg providers.Config, sealer Sealer, aad AADFunc, keys KeyStore) (*Provider, error) {
 	var c config
 	if err := providers.DecodeStrict(cfg, &c); err != nil {
 		return nil, err
 	}
-	return &Provider{id: cfg.ID, desc: cfg.Description, sealer: sealer, aad: aad,
+	return &Provider{id: cfg.ID, desc: cfg.Description, sealer: sealer, aad: aad, keys: keys,
 		cache: make(map[string]*ecdsa.PrivateKey)}, nil
 }
 
 // Factory adapts New to the registry.
-func Factory(sealer Sealer, aad AADFunc, _ *slog.Logger) providers.Factory {
+func Factory(sealer Sealer, aad AADFunc, keys KeyStore, _ *slog.Logger) providers.Factory {
 	return func(_ context.Context, cfg providers.Config) (providers.Provider, error) {
-		return New(cfg, sealer, aad)
+		return New(cfg, sealer, aad, keys)
 	}
 }
 
@@ -83,7 +95,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if err != nil {
 		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "generate key")
 	}
-	return p.seal(spec, priv)
+	return p.store(ctx, spec, priv)
 }
 
 func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
@@ -93,10 +105,12 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 	if priv == nil || priv.Curve != elliptic.P256() {
 		return providers.KeyRef{}, providers.Errorf(providers.KindBadInput, "only P-256 private keys can be imported")
 	}
-	return p.seal(spec, priv)
+	return p.store(ctx, spec, priv)
 }
 
-func (p *Provider) seal(spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
+// store seals priv to (tenant, kid) and saves it under a fresh random id, so an import over an
+// existing kid never overwrites the key that the current reference still points to.
+func (p *Provider) store(ctx context.Context, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
 	d, err := priv.Bytes()
 	if err != nil {
 		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "encode key")
@@ -106,38 +120,55 @@ func (p *Provider) seal(spec providers.KeySpec, priv *ecdsa.PrivateKey) (provide
 	if err != nil {
 		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "seal key")
 	}
+	var idb [16]byte
+	if _, err := rand.Read(idb[:]); err != nil {
+		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "key id")
+	}
+	id := hex.EncodeToString(idb[:])
+	if err := p.keys.Save(ctx, id, sealed); err != nil {
+		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "store sealed key")
+	}
 	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: spec.Alg,
-		Public: &priv.PublicKey, Material: sealed}, nil
+		Public: &priv.PublicKey, ExternalID: id}, nil
 }
 
-// Delete drops the cached key. The sealed material lives in the appliance's record, which the
-// caller deletes; there is nothing else to destroy.
+// Delete destroys the sealed key. Deleting a key that is already gone succeeds.
 func (p *Provider) Delete(ctx context.Context, ref providers.KeyRef) error {
 	p.mu.Lock()
-	delete(p.cache, string(ref.Material))
+	delete(p.cache, ref.ExternalID)
 	p.mu.Unlock()
+	if ref.ExternalID == "" {
+		return nil
+	}
+	if err := p.keys.Remove(ctx, ref.ExternalID); err != nil {
+		return providers.Wrap(providers.KindInternal, err, "delete sealed key")
+	}
 	return nil
 }
 
 func (p *Provider) PublicKey(ctx context.Context, ref providers.KeyRef) (*ecdsa.PublicKey, error) {
-	k, err := p.key(ref)
+	k, err := p.key(ctx, ref)
 	if err != nil {
 		return nil, err
 	}
 	return &k.PublicKey, nil
 }
 
-func (p *Provider) key(ref providers.KeyRef) (*ecdsa.PrivateKey, error) {
+func (p *Provider) key(ctx context.Context, ref providers.KeyRef) (*ecdsa.PrivateKey, error) {
 	p.mu.RLock()
-	k, ok := p.cache[string(ref.Material)]
+	k, ok := p.cache[ref.ExternalID]
 	p.mu.RUnlock()
 	if ok {
 		return k, nil
 	}
-	if len(ref.Material) == 0 {
-		return nil, providers.Errorf(providers.KindNotFound, "key %q has no material in this provider", ref.KID)
+	sealed, found, err := p.keys.Load(ctx, ref.ExternalID)
+	if err != nil {
+		return nil, providers.Wrap(providers.KindInternal, err, "load sealed key")
 	}
-	d, err := p.sealer.Open(ref.Material, p.aad(ref.Tenant, ref.KID))
+	if !found || ref.ExternalID == "" {
+		return nil, providers.Errorf(providers.KindNotFound, "key %q not found in provider %s", ref.KID, p.id)
+	}
+	d, err := p.sealer.Open(sealed, p.aad(ref.Tenant, ref.KID))
 	if err != nil {
 		return nil, providers.Wrap(providers.KindInternal, err, "open sealed key")
 	}
@@ -147,7 +178,7 @@ func (p *Provider) key(ref providers.KeyRef) (*ecdsa.PrivateKey, error) {
 		return nil, providers.Wrap(providers.KindInternal, err, "decode sealed key")
 	}
 	p.mu.Lock()
-	p.cache[string(ref.Material)] = k
+	p.cache[strings.Clone(ref.ExternalID)] = k
 	p.mu.Unlock()
 	return k, nil
 }
@@ -164,7 +195,7 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 	if len(digest) != sha256.Size {
 		return nil, providers.Errorf(providers.KindBadInput, "digest must be %d bytes for ES256, got %d", sha256.Size, len(digest))
 	}
-	k, err := p.key(ref)
+	k, err := p.key(ctx, ref)
 	if err != nil {
 		return nil, err
 	}

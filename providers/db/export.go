@@ -1,18 +1,19 @@
 package db
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 
 	"github.com/kmsgate/kmsgate/providers"
 )
 
-// ExportPrivate opens a db key's sealed material and returns a copy of its private key. Only the
+// ExportPrivate opens a db key's sealed record and returns a copy of its private key. Only the
 // db provider has this: its keys are kmsgate's own, so the export role may take them out (key-chain
 // export); every other backend keeps its private keys. The copy keeps callers from mutating the
 // provider's cached key.
 func (p *Provider) ExportPrivate(ref providers.KeyRef) (*ecdsa.PrivateKey, error) {
-	k, err := p.key(ref)
+	k, err := p.key(context.Background(), ref)
 	if err != nil {
 		return nil, err
 	}
