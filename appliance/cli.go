@@ -64,7 +64,8 @@ func NewRootCmd(bi BuildInfo) *cobra.Command {
 		"directory of the embedded store (env KMSGATE_DATA_DIR)")
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", envOr("KMSGATE_LOG_LEVEL", "info"), "debug, info, warn or error")
 	loadKMS := func() (*config.KMS, error) { return config.LoadKMS(g.configDir, os.LookupEnv) }
-	root.AddCommand(newServeCmd(g, bi), newVersionCmd(bi), newConfigCmd(loadKMS), newTenantCmd(g), newAdminCmd(g))
+	root.AddCommand(newServeCmd(g, bi), newVersionCmd(bi), newConfigCmd(loadKMS), newTenantCmd(g), newAdminCmd(g),
+		newHSMCmd(), newDoctorCmd(loadKMS))
 	return root
 }
 
