@@ -96,7 +96,7 @@ func chainedGateways(t *testing.T, mtls bool) {
 	apptest.JSON(t, body, &res)
 
 	// Verify the JWS like a wallet would: x5c chain to the root, then the signature.
-	sig, err := jose.ParseSigned(res.JWS, []jose.SignatureAlgorithm{jose.ES256})
+	sig, err := jose.ParseSignedCompact(res.JWS, []jose.SignatureAlgorithm{jose.ES256})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -40,14 +40,13 @@ import (
 )
 
 type result struct {
-	name        string
-	conc        int
-	n           int64
-	errs        int64
-	dur         time.Duration
-	p50, p99    time.Duration
-	perSecond   float64
-	description string
+	name      string
+	conc      int
+	n         int64
+	errs      int64
+	dur       time.Duration
+	p50, p99  time.Duration
+	perSecond float64
 }
 
 func (r result) String() string {
@@ -421,7 +420,6 @@ type server struct {
 	url  string
 	key  string
 	data string
-	vm   atomic.Int64
 	done chan struct{}
 }
 
