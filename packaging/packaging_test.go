@@ -138,10 +138,7 @@ func doBuild() (*pkg, error) {
 	buildDir = dir
 	p := &pkg{realBin: true}
 	bin := filepath.Join(dir, "kmsgate")
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(gobin); err != nil {
-		gobin = "go"
-	}
+	gobin := "go"
 	cmd := exec.Command(gobin, "build", "-o", bin, "-ldflags", "-X main.version="+rawVersion+" -X main.commit=abcdef0",
 		"github.com/kmsgate/kmsgate")
 	if prebuilt := os.Getenv("KMSGATE_PACKAGING_BIN"); prebuilt != "" {

@@ -15,6 +15,8 @@ command -v promtool >/dev/null || need_pkgs+=(prometheus)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v gcc >/dev/null || need_pkgs+=(gcc libc6-dev)
+command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
+command -v dpkg-deb >/dev/null || need_pkgs+=(dpkg)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages: ${need_pkgs[*]} — run as root or: sudo apt-get install ${need_pkgs[*]}" >&2
