@@ -146,28 +146,141 @@ type signRequest struct {
 	SignatureFormat string `json:"signatureFormat"`
 }
 
-// sign is the hot path: one strict decode, one cached lookup, the provider call, a hand-built
-// response.
+// signFields is a decoded sign request. The byte slices may point into the request body, which
+// stays valid for the handler's lifetime.
+type signFields struct {
+	data, digest, alg, format []byte
+	hasData, hasDigest        bool
+}
+
+// parseSignFast decodes the common shape {"data":"…","alg":"ES256"} (any order, optional
+// "digest"/"signatureFormat", whitespace allowed) without reflection or allocation. Anything
+// else — escapes, other types, unknown or duplicate fields, malformed JSON — returns false and the
+// caller falls back to the strict decoder, which owns every error message.
+func parseSignFast(b []byte, f *signFields) bool {
+	i := skipWS(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return false
+	}
+	i++
+	for n := 0; ; n++ {
+		i = skipWS(b, i)
+		if n == 0 && i < len(b) && b[i] == '}' {
+			i++
+			break
+		}
+		key, j, ok := jsonPlainString(b, i)
+		if !ok {
+			return false
+		}
+		i = skipWS(b, j)
+		if i >= len(b) || b[i] != ':' {
+			return false
+		}
+		val, j, ok := jsonPlainString(b, skipWS(b, i+1))
+		if !ok {
+			return false
+		}
+		var dst *[]byte
+		switch string(key) {
+		case "data":
+			dst, f.hasData = &f.data, true
+		case "digest":
+			dst, f.hasDigest = &f.digest, true
+		case "alg":
+			dst = &f.alg
+		case "signatureFormat":
+			dst = &f.format
+		default:
+			return false
+		}
+		if *dst != nil {
+			return false // duplicate field
+		}
+		*dst = val
+		i = skipWS(b, j)
+		if i < len(b) && b[i] == ',' {
+			i++
+			continue
+		}
+		if i < len(b) && b[i] == '}' {
+			i++
+			break
+		}
+		return false
+	}
+	return skipWS(b, i) == len(b)
+}
+
+func skipWS(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// jsonPlainString reads a JSON string of printable ASCII without escapes starting at b[i]
+// (encoding/json would rewrite invalid UTF-8, so non-ASCII goes to the strict decoder).
+// The returned value is never nil, so an empty string still counts as present.
+func jsonPlainString(b []byte, i int) ([]byte, int, bool) {
+	if i >= len(b) || b[i] != '"' {
+		return nil, i, false
+	}
+	for j := i + 1; j < len(b); j++ {
+		switch c := b[j]; {
+		case c == '"':
+			return b[i+1 : j : j], j + 1, true
+		case c == '\\' || c < 0x20 || c >= 0x80:
+			return nil, i, false
+		}
+	}
+	return nil, i, false
+}
+
+func (s *Server) decodeSign(c *fiber.Ctx, f *signFields) error {
+	if ct := c.Get(fiber.HeaderContentType); !strings.HasPrefix(strings.ToLower(strings.TrimSpace(ct)), fiber.MIMEApplicationJSON) {
+		return problem(fiber.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
+	}
+	if parseSignFast(c.Body(), f) {
+		return nil
+	}
+	*f = signFields{}
+	var req signRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	if req.Data != nil {
+		f.data, f.hasData = []byte(*req.Data), true
+	}
+	if req.Digest != nil {
+		f.digest, f.hasDigest = []byte(*req.Digest), true
+	}
+	f.alg, f.format = []byte(req.Alg), []byte(req.SignatureFormat)
+	return nil
+}
+
+// sign is the hot path: a reflection-free decode, one cached lookup, the provider call, a
+// hand-built response.
 func (s *Server) sign(c *fiber.Ctx) error {
 	kid, err := kidParam(c)
 	if err != nil {
 		return err
 	}
-	var req signRequest
-	if err := decodeJSON(c, &req); err != nil {
+	var f signFields
+	if err := s.decodeSign(c, &f); err != nil {
 		return err
 	}
 	var input []byte
 	isDigest := false
 	switch {
-	case req.Data != nil && req.Digest != nil:
+	case f.hasData && f.hasDigest:
 		return problem(fiber.StatusBadRequest, "invalid_request", `send either "data" or "digest", not both`)
-	case req.Data != nil:
-		if input, err = decodeB64("data", *req.Data); err != nil {
+	case f.hasData:
+		if input, err = decodeB64("data", f.data); err != nil {
 			return err
 		}
-	case req.Digest != nil:
-		if input, err = decodeB64("digest", *req.Digest); err != nil {
+	case f.hasDigest:
+		if input, err = decodeB64("digest", f.digest); err != nil {
 			return err
 		}
 		isDigest = true
@@ -175,14 +288,14 @@ func (s *Server) sign(c *fiber.Ctx) error {
 		return problem(fiber.StatusBadRequest, "missing_field", `field "data" (base64 message) is required`)
 	}
 	der := false
-	switch req.SignatureFormat {
+	switch string(f.format) {
 	case "", "raw":
 	case "der":
 		der = true
 	default:
 		return problem(fiber.StatusBadRequest, "invalid_format", `signatureFormat must be "raw" or "der"`)
 	}
-	sig, err := s.Keys.Sign(c.UserContext(), principal(c).TenantID, kid, req.Alg, input, isDigest)
+	sig, err := s.Keys.Sign(c.UserContext(), principal(c).TenantID, kid, string(f.alg), input, isDigest)
 	if err != nil {
 		return err
 	}

@@ -66,12 +66,15 @@ func jsonType(k string) string {
 	return "a number"
 }
 
+var b64Encodings = [...]*base64.Encoding{base64.StdEncoding, base64.RawStdEncoding, base64.URLEncoding, base64.RawURLEncoding}
+
 // decodeB64 accepts standard or URL-safe base64, padded or not: clients differ, and both
 // alphabets are unambiguous.
-func decodeB64(field, s string) ([]byte, error) {
-	for _, enc := range []*base64.Encoding{base64.StdEncoding, base64.RawStdEncoding, base64.URLEncoding, base64.RawURLEncoding} {
-		if b, err := enc.DecodeString(s); err == nil {
-			return b, nil
+func decodeB64(field string, s []byte) ([]byte, error) {
+	for _, enc := range b64Encodings {
+		dst := make([]byte, enc.DecodedLen(len(s)))
+		if n, err := enc.Decode(dst, s); err == nil {
+			return dst[:n], nil
 		}
 	}
 	return nil, problem(fiber.StatusBadRequest, "invalid_base64", fmt.Sprintf("field %q is not valid base64", field))

@@ -206,13 +206,13 @@ func (s *Server) kcSign(c *fiber.Ctx) error {
 	req := keychain.SignRequest{Alg: b.Alg}
 	var err error
 	if b.Data != nil {
-		if req.Data, err = decodeB64("data", *b.Data); err != nil {
+		if req.Data, err = decodeB64("data", []byte(*b.Data)); err != nil {
 			return err
 		}
 		if req.Data == nil {
 			req.Data = []byte{}
 		}
-	} else if req.Digest, err = decodeB64("digest", *b.Digest); err != nil {
+	} else if req.Digest, err = decodeB64("digest", []byte(*b.Digest)); err != nil {
 		return err
 	} else if req.Digest == nil {
 		req.Digest = []byte{}
