@@ -20,10 +20,10 @@ import (
 func (a *Appliance) factories() map[string]providers.Factory {
 	return map[string]providers.Factory{
 		providers.TypeDB:     db.Factory(a.sealer, dbAAD, store.SealedKeys{St: a.store}, a.log),
-		providers.TypePKCS11: pkcs11.Factory(a.log),
-		providers.TypeVault:  vault.Factory(a.log),
-		providers.TypeAWSKMS: awskms.Factory(a.log),
-		providers.TypeHTTP:   httpkms.Factory(a.log),
+		providers.TypePKCS11: providers.FactoryFor(pkcs11.New, a.log),
+		providers.TypeVault:  providers.FactoryFor(vault.New, a.log),
+		providers.TypeAWSKMS: providers.FactoryFor(awskms.New, a.log),
+		providers.TypeHTTP:   providers.FactoryFor(httpkms.New, a.log),
 	}
 }
 

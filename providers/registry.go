@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sort"
 	"sync"
@@ -153,4 +154,19 @@ func (r *Registry) Close() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Constructor is the shape of a provider package's New.
+type Constructor[P Provider] func(ctx context.Context, cfg Config, logger *slog.Logger) (P, error)
+
+// FactoryFor adapts a provider package's New to a Factory. It returns a nil interface on error,
+// never an interface holding a nil pointer.
+func FactoryFor[P Provider](newFn Constructor[P], logger *slog.Logger) Factory {
+	return func(ctx context.Context, cfg Config) (Provider, error) {
+		p, err := newFn(ctx, cfg, logger)
+		if err != nil {
+			return nil, err
+		}
+		return p, nil
+	}
 }

@@ -70,13 +70,6 @@ type Provider struct {
 	throttled atomic.Uint64
 }
 
-// Factory returns the providers.Factory for type "aws-kms".
-func Factory(logger *slog.Logger) providers.Factory {
-	return func(ctx context.Context, cfg providers.Config) (providers.Provider, error) {
-		return New(ctx, cfg, logger)
-	}
-}
-
 // New builds the provider. Credentials are static when both keys are given, else the SDK default
 // chain (env, shared files, IMDS/ECS roles, web identity). Nothing is called at start-up.
 func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provider, error) {

@@ -49,13 +49,6 @@ type Provider struct {
 	retryBackoff []time.Duration
 }
 
-// Factory returns the providers.Factory for type "http".
-func Factory(logger *slog.Logger) providers.Factory {
-	return func(ctx context.Context, cfg providers.Config) (providers.Provider, error) {
-		return New(ctx, cfg, logger)
-	}
-}
-
 // New builds the provider. It fails only on configuration errors; an unreachable remote yields a
 // provider whose Health says so. The digest extension is probed once here (best effort) and again
 // on every health check.

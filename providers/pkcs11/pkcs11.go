@@ -158,17 +158,6 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	return &Provider{id: cfg.ID, desc: desc, readOnly: c.ReadOnly, slot: slot, log: log}, nil
 }
 
-// Factory adapts New to the registry.
-func Factory(logger *slog.Logger) providers.Factory {
-	return func(ctx context.Context, cfg providers.Config) (providers.Provider, error) {
-		p, err := New(ctx, cfg, logger)
-		if err != nil {
-			return nil, err
-		}
-		return p, nil
-	}
-}
-
 // ID implements providers.Provider.
 func (p *Provider) ID() string { return p.id }
 

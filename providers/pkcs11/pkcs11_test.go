@@ -157,7 +157,7 @@ func TestBrokenProvidersStayIsolated(t *testing.T) {
 	env := testenv.NewSoftHSM(t, 2)
 	const wrongPIN = "000000-nope"
 	good := newProvider(t, cfgFor(t, "good", map[string]any{"library": env.Library, "slot": env.Tokens[1].Label, "pin": env.Tokens[1].PIN}))
-	factory := Factory(nil)
+	factory := providers.FactoryFor(New, nil)
 	cases := map[string]struct {
 		fields map[string]any
 		want   string

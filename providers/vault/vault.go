@@ -67,13 +67,6 @@ type Provider struct {
 	stopped chan struct{}
 }
 
-// Factory returns the providers.Factory for type "vault".
-func Factory(logger *slog.Logger) providers.Factory {
-	return func(ctx context.Context, cfg providers.Config) (providers.Provider, error) {
-		return New(ctx, cfg, logger)
-	}
-}
-
 // New builds the provider and starts the token renewer. It fails only on configuration errors:
 // an unreachable Vault or an unreadable token file shows up in Health. The standard VAULT_CACERT /
 // VAULT_CLIENT_CERT environment variables configure TLS, as for the vault CLI.
