@@ -15,21 +15,40 @@ import (
 	"github.com/kmsgate/kmsgate/appliance"
 )
 
-// TestReadmeQuickstart runs the README's quick-start block verbatim (only the port differs)
-// against `kmsgate serve --dev`, as a user following the README would.
-func TestReadmeQuickstart(t *testing.T) {
+// TestReadmeBlocks runs the README's shell walk-throughs verbatim (only the port differs) against
+// `kmsgate serve --dev`, as a user following the README would.
+func TestReadmeBlocks(t *testing.T) {
+	for _, c := range []struct{ marker, want string }{
+		{"quickstart", "Verified OK"},
+		{"keychain", "leaf.pem: OK"},
+	} {
+		t.Run(c.marker, func(t *testing.T) {
+			out := runReadmeBlock(t, c.marker)
+			if !strings.Contains(out, c.want) || !strings.Contains(out, "Verified OK") {
+				t.Fatalf("%s block did not verify:\n%s", c.marker, out)
+			}
+		})
+	}
+}
+
+func readmeBlock(t *testing.T, marker string) string {
+	t.Helper()
 	readme, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, rest, ok := strings.Cut(string(readme), "<!-- quickstart:begin -->")
-	block, _, ok2 := strings.Cut(rest, "<!-- quickstart:end -->")
+	_, rest, ok := strings.Cut(string(readme), "<!-- "+marker+":begin -->")
+	block, _, ok2 := strings.Cut(rest, "<!-- "+marker+":end -->")
 	if !ok || !ok2 {
-		t.Fatal("README has no quickstart markers")
+		t.Fatalf("README has no %s markers", marker)
 	}
 	script := strings.TrimSpace(block)
 	script = strings.TrimPrefix(script, "```sh")
-	script = strings.TrimSuffix(script, "```")
+	return strings.TrimSuffix(script, "```")
+}
+
+func runReadmeBlock(t *testing.T, marker string) string {
+	script := readmeBlock(t, marker)
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -72,7 +91,8 @@ func TestReadmeQuickstart(t *testing.T) {
 	sh := exec.Command("bash", "-euo", "pipefail", "-c", script)
 	sh.Dir = work
 	out, err := sh.CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "Verified OK") {
-		t.Fatalf("quickstart failed: %v\n%s", err, out)
+	if err != nil {
+		t.Fatalf("%s block failed: %v\n%s", marker, err, out)
 	}
+	return string(out)
 }
