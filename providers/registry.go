@@ -22,6 +22,23 @@ type Config struct {
 	Raw         json.RawMessage
 }
 
+// Errorf builds a configuration error that names the provider and its type.
+func (c Config) Errorf(format string, a ...any) error {
+	return fmt.Errorf("provider %q (type %s): %s", c.ID, c.Type, fmt.Sprintf(format, a...))
+}
+
+// ParseTimeout reads an optional positive Go duration such as "10s"; "" gives def.
+func ParseTimeout(s string, def time.Duration) (time.Duration, error) {
+	if s == "" {
+		return def, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("timeout %q is not a positive Go duration (e.g. \"10s\")", s)
+	}
+	return d, nil
+}
+
 // Common holds the fields every provider entry has. Factories embed it in their config struct so
 // that strict decoding accepts them.
 type Common struct {

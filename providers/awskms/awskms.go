@@ -77,22 +77,16 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	if err := providers.DecodeStrict(cfg, &c); err != nil {
 		return nil, err
 	}
-	bad := func(format string, a ...any) error {
-		return fmt.Errorf("provider %q (type aws-kms): %s", cfg.ID, fmt.Sprintf(format, a...))
-	}
+	bad := cfg.Errorf
 	if c.Region == "" {
 		return nil, bad("region is required")
 	}
 	if (c.AccessKeyID == "") != (c.SecretAccessKey == "") {
 		return nil, bad("accessKeyId and secretAccessKey must be given together (or both omitted for the SDK credential chain)")
 	}
-	timeout := DefaultTimeout
-	if c.Timeout != "" {
-		d, err := time.ParseDuration(c.Timeout)
-		if err != nil || d <= 0 {
-			return nil, bad("timeout %q is not a positive Go duration (e.g. \"10s\")", c.Timeout)
-		}
-		timeout = d
+	timeout, err := providers.ParseTimeout(c.Timeout, DefaultTimeout)
+	if err != nil {
+		return nil, bad("%v", err)
 	}
 	opts := []func(*config.LoadOptions) error{
 		config.WithRegion(c.Region),

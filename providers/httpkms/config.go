@@ -96,12 +96,8 @@ func (c *Config) validate() (*settings, error) {
 	}
 	s.keysURL = base + strings.TrimRight(kp, "/")
 	s.healthURL = base + hp
-	if c.Timeout != "" {
-		d, err := time.ParseDuration(c.Timeout)
-		if err != nil || d <= 0 {
-			return nil, fmt.Errorf("timeout %q is not a positive Go duration (e.g. \"10s\")", c.Timeout)
-		}
-		s.timeout = d
+	if s.timeout, err = providers.ParseTimeout(c.Timeout, DefaultTimeout); err != nil {
+		return nil, err
 	}
 	// mTLS authenticates the transport, an API key the caller: a remote kmsgate wants both, so
 	// apiKey may accompany auth {type:"mtls"}; with every other auth type it would be ambiguous.

@@ -75,22 +75,16 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	if err := providers.DecodeStrict(cfg, &c); err != nil {
 		return nil, err
 	}
-	bad := func(format string, a ...any) error {
-		return fmt.Errorf("provider %q (type vault): %s", cfg.ID, fmt.Sprintf(format, a...))
-	}
+	bad := cfg.Errorf
 	if c.VaultURL == "" {
 		return nil, bad("vaultUrl is required")
 	}
 	if (c.VaultToken == "") == (c.VaultTokenFile == "") {
 		return nil, bad("exactly one of vaultToken and vaultTokenFile is required")
 	}
-	timeout := DefaultTimeout
-	if c.Timeout != "" {
-		d, err := time.ParseDuration(c.Timeout)
-		if err != nil || d <= 0 {
-			return nil, bad("timeout %q is not a positive Go duration (e.g. \"10s\")", c.Timeout)
-		}
-		timeout = d
+	timeout, err := providers.ParseTimeout(c.Timeout, DefaultTimeout)
+	if err != nil {
+		return nil, bad("%v", err)
 	}
 	prefix := DefaultMountPrefix
 	if c.MountPrefix != nil {
