@@ -141,13 +141,6 @@ func (p *Provider) fail(kind providers.Kind, op, msg string, cause error) *provi
 	return &providers.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
 }
 
-func (p *Provider) checkAlg(op, alg string) error {
-	if alg == "" || alg == providers.ES256 {
-		return nil
-	}
-	return p.fail(providers.KindNotSupported, op, fmt.Sprintf("algorithm %q is not supported (only ES256)", alg), nil)
-}
-
 // classify maps a KMS error to a provider error kind. SDK errors name the operation and request
 // id, never credentials, so they are safe to keep as the cause.
 func (p *Provider) classify(op string, err error) error {
@@ -190,7 +183,7 @@ func (p *Provider) classify(op string, err error) error {
 
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
 	const op = "generate"
-	if err := p.checkAlg(op, spec.Alg); err != nil {
+	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
 		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" {
@@ -302,7 +295,7 @@ func (p *Provider) fetchPublic(ctx context.Context, keyID string) (*ecdsa.Public
 // SignMessage hashes locally and signs the digest: KMS RAW messages are limited to 4096 bytes,
 // while TBSCertificates and SD-JWTs can be larger.
 func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg string, msg []byte) ([]byte, error) {
-	if err := p.checkAlg("sign", alg); err != nil {
+	if err := providers.CheckES256(p.id, "sign", alg); err != nil {
 		return nil, err
 	}
 	d := sha256.Sum256(msg)
@@ -311,7 +304,7 @@ func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg st
 
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
 	const op = "sign digest"
-	if err := p.checkAlg(op, alg); err != nil {
+	if err := providers.CheckES256(p.id, op, alg); err != nil {
 		return nil, err
 	}
 	if len(digest) != sha256.Size {

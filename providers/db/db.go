@@ -79,16 +79,8 @@ func (p *Provider) Capabilities() providers.Capabilities {
 		CanSignMessage: true, SupportedAlgs: []string{providers.ES256}, DefaultAlg: providers.ES256}
 }
 
-func checkAlg(alg string) error {
-	if alg != providers.ES256 {
-		return providers.Errorf(providers.KindNotSupported, "algorithm %q is not supported (supported: ES256)", alg).
-			WithCode("unsupported_alg")
-	}
-	return nil
-}
-
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
-	if err := checkAlg(spec.Alg); err != nil {
+	if err := providers.CheckES256(p.id, "", spec.Alg); err != nil {
 		return providers.KeyRef{}, err
 	}
 	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -99,7 +91,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 }
 
 func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
-	if err := checkAlg(spec.Alg); err != nil {
+	if err := providers.CheckES256(p.id, "", spec.Alg); err != nil {
 		return providers.KeyRef{}, err
 	}
 	if priv == nil || priv.Curve != elliptic.P256() {
@@ -128,7 +120,11 @@ func (p *Provider) store(ctx context.Context, spec providers.KeySpec, priv *ecds
 	if err := p.keys.Save(ctx, id, sealed); err != nil {
 		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "store sealed key")
 	}
-	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: spec.Alg,
+	alg := spec.Alg
+	if alg == "" {
+		alg = providers.ES256
+	}
+	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: alg,
 		Public: &priv.PublicKey, ExternalID: id}, nil
 }
 
@@ -189,7 +185,7 @@ func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg st
 }
 
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
-	if err := checkAlg(alg); err != nil {
+	if err := providers.CheckES256(p.id, "", alg); err != nil {
 		return nil, err
 	}
 	if len(digest) != sha256.Size {

@@ -100,13 +100,6 @@ func (p *Provider) fail(kind providers.Kind, op, msg string, cause error) *provi
 	return &providers.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
 }
 
-func (p *Provider) checkAlg(op, alg string) error {
-	if alg == "" || alg == providers.ES256 {
-		return nil
-	}
-	return p.fail(providers.KindNotSupported, op, fmt.Sprintf("algorithm %q is not supported (only ES256)", alg), nil)
-}
-
 func remoteID(ref providers.KeyRef) string {
 	if ref.ExternalID != "" {
 		return ref.ExternalID
@@ -145,7 +138,7 @@ func (p *Provider) parsePublic(op string, body []byte) (*ecdsa.PublicKey, error)
 // fail with a conflict or, worse, silently replace the key.
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
 	const op = "generate"
-	if err := p.checkAlg(op, spec.Alg); err != nil {
+	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
 		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" {
@@ -171,7 +164,7 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 		return providers.KeyRef{}, p.fail(providers.KindNotSupported, op,
 			"this http provider is configured without import (canImport:false)", nil)
 	}
-	if err := p.checkAlg(op, spec.Alg); err != nil {
+	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
 		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" || priv == nil {
@@ -228,7 +221,7 @@ func (p *Provider) PublicKey(_ context.Context, ref providers.KeyRef) (*ecdsa.Pu
 
 func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg string, msg []byte) ([]byte, error) {
 	const op = "sign"
-	if err := p.checkAlg(op, alg); err != nil {
+	if err := providers.CheckES256(p.id, op, alg); err != nil {
 		return nil, err
 	}
 	d := sha256.Sum256(msg)
@@ -241,7 +234,7 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 		return nil, p.fail(providers.KindNotSupported, op,
 			"the remote KMS does not advertise kmsgate's digest extension; send the whole message", nil)
 	}
-	if err := p.checkAlg(op, alg); err != nil {
+	if err := providers.CheckES256(p.id, op, alg); err != nil {
 		return nil, err
 	}
 	if len(digest) != sha256.Size {

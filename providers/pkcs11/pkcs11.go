@@ -213,13 +213,6 @@ func (p *Provider) fail(op string, err error) error {
 	return e
 }
 
-func checkAlg(alg string) error {
-	if alg != providers.ES256 {
-		return providers.Errorf(providers.KindNotSupported, "algorithm %q is not supported by the pkcs11 provider (supported: ES256)", alg)
-	}
-	return nil
-}
-
 // Generate implements providers.Provider: a P-256 pair is generated inside the token. The
 // returned ExternalID is the hex CKA_ID, unique even when two tenants use the same kid.
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
@@ -227,7 +220,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if alg == "" {
 		alg = providers.ES256
 	}
-	if err := checkAlg(alg); err != nil {
+	if err := providers.CheckES256(p.id, "", alg); err != nil {
 		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" {
@@ -274,7 +267,7 @@ func (p *Provider) PublicKey(ctx context.Context, ref providers.KeyRef) (*ecdsa.
 
 // SignMessage implements providers.Provider: SHA-256 in Go, CKM_ECDSA in the token.
 func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg string, msg []byte) ([]byte, error) {
-	if err := checkAlg(alg); err != nil {
+	if err := providers.CheckES256(p.id, "", alg); err != nil {
 		return nil, err
 	}
 	d := sha256.Sum256(msg)
@@ -283,7 +276,7 @@ func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg st
 
 // SignDigest implements providers.Provider.
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
-	if err := checkAlg(alg); err != nil {
+	if err := providers.CheckES256(p.id, "", alg); err != nil {
 		return nil, err
 	}
 	if len(digest) != sha256.Size {
@@ -294,7 +287,7 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 
 func (p *Provider) sign(ctx context.Context, ref providers.KeyRef, digest []byte) ([]byte, error) {
 	if ref.Alg != "" && ref.Alg != providers.ES256 {
-		return nil, checkAlg(ref.Alg)
+		return nil, providers.CheckES256(p.id, "", ref.Alg)
 	}
 	sig, err := p.slot.Sign(ctx, keyOf(ref), digest)
 	if err != nil {

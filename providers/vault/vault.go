@@ -149,13 +149,6 @@ func (p *Provider) fail(kind providers.Kind, op, msg string, cause error) *provi
 	return &providers.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
 }
 
-func (p *Provider) checkAlg(op, alg string) error {
-	if alg == "" || alg == providers.ES256 {
-		return nil
-	}
-	return p.fail(providers.KindNotSupported, op, fmt.Sprintf("algorithm %q is not supported (only ES256)", alg), nil)
-}
-
 // locate returns the mount and key name of a reference (ExternalID "mount/key", else derived).
 func (p *Provider) locate(ref providers.KeyRef) (mount, key string, err error) {
 	if ref.ExternalID != "" {
@@ -266,7 +259,7 @@ func (p *Provider) withMount(ctx context.Context, mount string, fn func() error)
 
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
 	const op = "generate"
-	if err := p.checkAlg(op, spec.Alg); err != nil {
+	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
 		return providers.KeyRef{}, err
 	}
 	mount, key, err := p.names(spec)
@@ -398,7 +391,7 @@ func (p *Provider) readPublic(ctx context.Context, mount, key string) (*ecdsa.Pu
 }
 
 func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg string, msg []byte) ([]byte, error) {
-	if err := p.checkAlg("sign", alg); err != nil {
+	if err := providers.CheckES256(p.id, "sign", alg); err != nil {
 		return nil, err
 	}
 	return p.sign(ctx, "sign", ref, msg, false)
@@ -406,7 +399,7 @@ func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg st
 
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
 	const op = "sign digest"
-	if err := p.checkAlg(op, alg); err != nil {
+	if err := providers.CheckES256(p.id, op, alg); err != nil {
 		return nil, err
 	}
 	if len(digest) != sha256.Size {
