@@ -248,6 +248,7 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		ln.Close()
 		return err
 	}
+	ln = lingerListener{ln}
 	if tcfg != nil {
 		ln = tls.NewListener(ln, tcfg)
 	}
