@@ -55,6 +55,8 @@ test: test-deps lint unit
 bench: build
 	tools/setup-test-env.sh
 	$(GO) build -o bin/kmsgate-bench ./bench
+	@echo "## Hot-path micro-benchmarks (allocations per signature)"
+	tools/netns-run.sh env GOPROXY=off $(GO) test -run '^$$' -bench . -benchmem ./api ./hsm
 	tools/netns-run.sh bin/kmsgate-bench -kmsgate $(BIN)
 
 deb: build

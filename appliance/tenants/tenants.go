@@ -39,7 +39,7 @@ var knownRoles = map[string]bool{RoleManage: true, RoleSign: true, RoleExport: t
 // keyPrefix marks kmsgate API keys so secret scanners can find leaked ones.
 const keyPrefix = "kmsgate_"
 
-// Principal is an authenticated caller.
+// Principal is an authenticated caller. It is shared between requests: treat it as read-only.
 type Principal struct {
 	CredentialID    string
 	TenantID        string
@@ -69,12 +69,24 @@ type Service struct {
 	now func() time.Time
 
 	mu    sync.RWMutex
-	creds map[string]*store.Credential // by credential id; revoked ones removed
+	creds map[string]*activeCred // by credential id; revoked ones removed
+}
+
+// activeCred is a verified-on-demand credential with its principal built once: credentials are
+// immutable, so authentication hands out the same read-only principal every time.
+type activeCred struct {
+	hash      []byte
+	principal *Principal
+}
+
+func newActiveCred(c *store.Credential) *activeCred {
+	return &activeCred{hash: c.SecretHash, principal: &Principal{CredentialID: c.ID, TenantID: c.TenantID,
+		Roles: c.Roles, DefaultProvider: c.DefaultProvider}}
 }
 
 // New loads every active credential into memory.
 func New(ctx context.Context, st *store.Store) (*Service, error) {
-	s := &Service{st: st, now: time.Now, creds: map[string]*store.Credential{}}
+	s := &Service{st: st, now: time.Now, creds: map[string]*activeCred{}}
 	if err := s.Reload(ctx); err != nil {
 		return nil, err
 	}
@@ -83,14 +95,14 @@ func New(ctx context.Context, st *store.Store) (*Service, error) {
 
 // Reload re-reads the credentials from the store.
 func (s *Service) Reload(ctx context.Context) error {
-	m := map[string]*store.Credential{}
+	m := map[string]*activeCred{}
 	err := s.st.List(ctx, store.CredentialPrefix, func(_ string, val []byte) error {
 		var c store.Credential
 		if err := json.Unmarshal(val, &c); err != nil {
 			return fmt.Errorf("decode credential: %w", err)
 		}
 		if c.RevokedAt == nil {
-			m[c.ID] = &c
+			m[c.ID] = newActiveCred(&c)
 		}
 		return nil
 	})
@@ -119,10 +131,10 @@ func (s *Service) Authenticate(key string) (*Principal, error) {
 		subtle.ConstantTimeCompare(h[:], make([]byte, sha256.Size))
 		return nil, ErrUnauthenticated
 	}
-	if subtle.ConstantTimeCompare(h[:], c.SecretHash) != 1 {
+	if subtle.ConstantTimeCompare(h[:], c.hash) != 1 {
 		return nil, ErrUnauthenticated
 	}
-	return &Principal{CredentialID: c.ID, TenantID: c.TenantID, Roles: c.Roles, DefaultProvider: c.DefaultProvider}, nil
+	return c.principal, nil
 }
 
 func splitKey(key string) (id, secret string, ok bool) {
@@ -274,7 +286,7 @@ func (s *Service) mint(tenantID string, roles []string, name string) (string, *s
 
 func (s *Service) remember(c *store.Credential) {
 	s.mu.Lock()
-	s.creds[c.ID] = c
+	s.creds[c.ID] = newActiveCred(c)
 	s.mu.Unlock()
 }
 
