@@ -238,8 +238,8 @@ func jsonPlainString(b []byte, i int) ([]byte, int, bool) {
 }
 
 func (s *Server) decodeSign(c *fiber.Ctx, f *signFields) error {
-	if ct := c.Get(fiber.HeaderContentType); !strings.HasPrefix(strings.ToLower(strings.TrimSpace(ct)), fiber.MIMEApplicationJSON) {
-		return problem(fiber.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
+	if err := requireJSON(c); err != nil {
+		return err
 	}
 	if parseSignFast(c.Body(), f) {
 		return nil

@@ -12,12 +12,20 @@ import (
 	"github.com/gofiber/fiber/v2"
 )
 
+// requireJSON answers 415 unless the request says its body is JSON.
+func requireJSON(c *fiber.Ctx) error {
+	ct := c.Get(fiber.HeaderContentType)
+	if !strings.HasPrefix(strings.ToLower(strings.TrimSpace(ct)), fiber.MIMEApplicationJSON) {
+		return problem(fiber.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
+	}
+	return nil
+}
+
 // decodeJSON decodes the request body into v strictly: JSON content type, a single object, no
 // unknown fields, no type mismatches. Each failure is a 4xx with its own code.
 func decodeJSON(c *fiber.Ctx, v any) error {
-	ct := c.Get(fiber.HeaderContentType)
-	if ct == "" || !strings.HasPrefix(strings.ToLower(strings.TrimSpace(ct)), fiber.MIMEApplicationJSON) {
-		return problem(fiber.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Type must be application/json")
+	if err := requireJSON(c); err != nil {
+		return err
 	}
 	body := c.Body()
 	if len(bytes.TrimSpace(body)) == 0 {

@@ -119,7 +119,8 @@ func (s *Server) observe(c *fiber.Ctx) error {
 	err := c.Next()
 	status := c.Response().StatusCode()
 	if err != nil {
-		// The error handler has not run yet; derive the status it will produce.
+		// Run the error handler here, so the recorded status is the one the client receives; a
+		// nil result tells Fiber the error has been answered.
 		if herr := s.errorHandler(c, err); herr == nil {
 			err = nil
 		}

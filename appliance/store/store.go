@@ -168,9 +168,6 @@ func (t *Txn) Put(key string, v any) error {
 	return t.txn.Set([]byte(key), b)
 }
 
-// Delete removes key.
-func (t *Txn) Delete(key string) error { return t.txn.Delete([]byte(key)) }
-
 // Update runs fn in one transaction; nothing is written unless fn returns nil. Conflicting
 // concurrent transactions are retried a few times.
 func (s *Store) Update(_ context.Context, fn func(*Txn) error) error {
