@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/kmsgate/kmsgate/appliance"
+	"github.com/kmsgate/kmsgate/appliance/cli"
 )
 
 // Stamped by the linker (see Makefile).
@@ -16,7 +16,7 @@ var (
 )
 
 func main() {
-	cmd := appliance.NewRootCmd(appliance.BuildInfo{Version: version, Commit: commit})
+	cmd := cli.NewRootCmd(cli.BuildInfo{Version: version, Commit: commit})
 	if err := cmd.ExecuteContext(context.Background()); err != nil {
 		fmt.Fprintln(os.Stderr, "kmsgate:", err)
 		os.Exit(1)

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kmsgate/kmsgate/appliance"
+	"github.com/kmsgate/kmsgate/appliance/cli"
 )
 
 // TestReadmeBlocks runs the README's shell walk-throughs verbatim (only the port differs) against
@@ -62,7 +62,7 @@ func runReadmeBlock(t *testing.T, marker string) string {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		cmd := appliance.NewRootCmd(appliance.BuildInfo{Version: "test", Commit: "test"})
+		cmd := cli.NewRootCmd(cli.BuildInfo{Version: "test", Commit: "test"})
 		cmd.SetArgs([]string{"serve", "--dev", "--data-dir", filepath.Join(work, "data"),
 			"--config-dir", filepath.Join(work, "config"), "--listen", addr, "--log-level", "warn"})
 		cmd.SetOut(new(bytes.Buffer))

@@ -8,8 +8,8 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/kmsgate/kmsgate/appliance/keys"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // kidParam percent-decodes the {kid} path segment (EUDIPLO sends encodeURIComponent(kid)). The

@@ -17,7 +17,7 @@ import (
 	"testing"
 
 	"github.com/kmsgate/kmsgate/internal/apptest"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 type pubResp struct {

@@ -7,7 +7,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/kmsgate/kmsgate/appliance/tenants"
-	"github.com/kmsgate/kmsgate/providers"
+	"github.com/kmsgate/kmsgate/internal/errs"
 )
 
 // Problem is the error body of every failed request: a human message and a stable code that
@@ -30,17 +30,17 @@ func problem(status int, code, msg string) error {
 	return &apiError{status: status, code: code, msg: msg}
 }
 
-var kindStatus = map[providers.Kind]struct {
+var kindStatus = map[errs.Kind]struct {
 	status int
 	code   string
 }{
-	providers.KindNotFound:     {fiber.StatusNotFound, "not_found"},
-	providers.KindNotSupported: {fiber.StatusMethodNotAllowed, "not_supported"},
-	providers.KindUnavailable:  {fiber.StatusServiceUnavailable, "unavailable"},
-	providers.KindThrottled:    {fiber.StatusServiceUnavailable, "throttled"},
-	providers.KindBadInput:     {fiber.StatusBadRequest, "bad_request"},
-	providers.KindConflict:     {fiber.StatusConflict, "conflict"},
-	providers.KindForbidden:    {fiber.StatusForbidden, "forbidden"},
+	errs.NotFound:     {fiber.StatusNotFound, "not_found"},
+	errs.NotSupported: {fiber.StatusMethodNotAllowed, "not_supported"},
+	errs.Unavailable:  {fiber.StatusServiceUnavailable, "unavailable"},
+	errs.Throttled:    {fiber.StatusServiceUnavailable, "throttled"},
+	errs.BadInput:     {fiber.StatusBadRequest, "bad_request"},
+	errs.Conflict:     {fiber.StatusConflict, "conflict"},
+	errs.Forbidden:    {fiber.StatusForbidden, "forbidden"},
 }
 
 // errorHandler turns any error into a JSON problem. Unclassified errors are logged with their cause
@@ -49,17 +49,17 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 	status, code, msg := fiber.StatusInternalServerError, "internal", "internal error"
 	var ae *apiError
 	var fe *fiber.Error
-	var pe *providers.Error
+	var pe *errs.Error
 	switch {
 	case errors.As(err, &ae):
 		status, code, msg = ae.status, ae.code, ae.msg
-	case errors.As(err, &pe) && pe.Kind != providers.KindInternal:
+	case errors.As(err, &pe) && pe.Kind != errs.Internal:
 		ks := kindStatus[pe.Kind]
-		status, code, msg = ks.status, ks.code, providers.PublicMessage(err)
+		status, code, msg = ks.status, ks.code, errs.PublicMessage(err)
 		if pe.Code != "" {
 			code = pe.Code
 		}
-		if ra := providers.RetryAfterOf(err); ra > 0 || pe.Kind == providers.KindThrottled || pe.Kind == providers.KindUnavailable {
+		if ra := errs.RetryAfterOf(err); ra > 0 || pe.Kind == errs.Throttled || pe.Kind == errs.Unavailable {
 			secs := int(ra.Seconds() + 0.999)
 			if secs < 1 {
 				secs = 1

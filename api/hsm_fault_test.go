@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/kmsgate/kmsgate/internal/apptest"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/internal/testenv"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // TestHSMFailureOverHTTP takes the HSM away under the API (fault shim over SoftHSM2: the real

@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -312,12 +313,42 @@ func (a *Appliance) gcLoop(ctx context.Context) {
 
 // Close releases providers and the store.
 func (a *Appliance) Close() error {
-	var errs []error
+	var failures []error
 	if a.registry != nil {
-		errs = append(errs, a.registry.Close())
+		failures = append(failures, a.registry.Close())
 	}
 	if a.store != nil {
-		errs = append(errs, a.store.Close())
+		failures = append(failures, a.store.Close())
 	}
-	return errors.Join(errs...)
+	return errors.Join(failures...)
+}
+
+// DevBootstrap creates the dev tenant once and prints its API key, which is kept in the data dir
+// so that every `make run` prints the same key.
+func (a *Appliance) DevBootstrap(ctx context.Context) error {
+	keyFile := filepath.Join(a.opts.DataDir, "dev-api-key")
+	if _, err := a.tenants.Tenant(ctx, "dev"); errors.Is(err, tenants.ErrTenantNotFound) {
+		res, err := a.tenants.CreateTenant(ctx, tenants.CreateTenantRequest{ID: "dev", Name: "Development Tenant",
+			Roles: []string{tenants.RoleManage, tenants.RoleSign, tenants.RoleExport}})
+		if err != nil {
+			return fmt.Errorf("create dev tenant: %w", err)
+		}
+		if err := os.WriteFile(keyFile, []byte(res.APIKey+"\n"), 0o600); err != nil {
+			return fmt.Errorf("write dev api key: %w", err)
+		}
+		if a.onTenantCreated != nil {
+			if err := a.onTenantCreated(ctx, "dev"); err != nil {
+				a.log.Error("dev tenant bootstrap failed", "err", err)
+			}
+		}
+	} else if err != nil {
+		return err
+	}
+	key, err := os.ReadFile(keyFile)
+	if err != nil {
+		return fmt.Errorf("dev tenant exists but %s is unreadable: %w", keyFile, err)
+	}
+	fmt.Fprintf(a.opts.Out, "\n*** kmsgate DEVELOPMENT MODE ***\n  tenant:  dev\n  API key: %s  (also in %s)\n  listen:  http://%s\n\n",
+		strings.TrimSpace(string(key)), keyFile, a.opts.Listen)
+	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/hsm"
-	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/awskms"
 	"github.com/kmsgate/kmsgate/providers/db"
@@ -49,7 +48,7 @@ func (a *Appliance) registerProviderMetrics() {
 	if len(pools) == 0 {
 		return
 	}
-	a.metrics.Registry.MustRegister(metrics.NewPKCS11Collector(func() map[string]hsm.Stats {
+	a.metrics.Registry.MustRegister(pkcs11.NewCollector(func() map[string]hsm.Stats {
 		out := make(map[string]hsm.Stats, len(pools))
 		for id, p := range pools {
 			out[id] = p.Stats()

@@ -22,8 +22,8 @@ import (
 
 	"github.com/kmsgate/kmsgate/appliance"
 	"github.com/kmsgate/kmsgate/internal/apptest"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/internal/testenv"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // TestChainedGateways puts kmsgate A's http provider in front of kmsgate B's remote-KMS contract

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/kmsgate/kmsgate/internal/apptest"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 // slowKMS is a remote KMS that follows the contract literally but takes 400 ms per signature, so a

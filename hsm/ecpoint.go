@@ -5,9 +5,10 @@ import (
 	"crypto/elliptic"
 	"fmt"
 
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 	"golang.org/x/crypto/cryptobyte"
 	"golang.org/x/crypto/cryptobyte/asn1"
+
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 // p256Params is CKA_EC_PARAMS for P-256: the DER-encoded OID 1.2.840.10045.3.1.7.

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/internal/testenv"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // TestRecoveryUnderLoad makes the "HSM" fail while several goroutines sign, brings it back, and

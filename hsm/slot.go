@@ -14,8 +14,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 	"github.com/miekg/pkcs11"
+
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 // Config describes one slot to serve. The PIN is used for C_Login only and never logged or

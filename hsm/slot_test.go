@@ -18,9 +18,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kmsgate/kmsgate/internal/testenv"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 	"github.com/miekg/pkcs11"
+
+	"github.com/kmsgate/kmsgate/internal/keyutil"
+	"github.com/kmsgate/kmsgate/internal/testenv"
 )
 
 func openSlot(t *testing.T, cfg Config) *Slot {

@@ -11,6 +11,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/kmsgate/kmsgate/internal/errs"
 )
 
 // Config is one provider entry of kms.json after placeholder expansion. Raw holds the whole entry
@@ -104,7 +106,7 @@ func (r *Registry) Get(id string) (Provider, error) {
 	if p, ok := r.byID[id]; ok {
 		return p, nil
 	}
-	return nil, Errorf(KindBadInput, "unknown kmsProvider %q (configured: %s)", id, r.idList()).
+	return nil, errs.Errorf(errs.BadInput, "unknown kmsProvider %q (configured: %s)", id, r.idList()).
 		WithCode("unknown_provider")
 }
 
@@ -164,13 +166,13 @@ func (r *Registry) HealthAll(ctx context.Context, timeout time.Duration, ids ...
 
 // Close closes every provider and joins their errors.
 func (r *Registry) Close() error {
-	var errs []error
+	var errList []error
 	for _, id := range r.order {
 		if err := r.byID[id].Close(); err != nil {
-			errs = append(errs, fmt.Errorf("close provider %q: %w", id, err))
+			errList = append(errList, fmt.Errorf("close provider %q: %w", id, err))
 		}
 	}
-	return errors.Join(errs...)
+	return errors.Join(errList...)
 }
 
 // Constructor is the shape of a provider package's New.

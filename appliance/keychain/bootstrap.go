@@ -32,7 +32,7 @@ func (s *Service) Bootstrap(ctx context.Context, tenant string) error {
 		have[c.UsageType] = true
 	}
 	p := &tenants.Principal{TenantID: tenant}
-	var errs []error
+	var failures []error
 	for _, usage := range []string{UsageAccess, UsageAttestation} {
 		if have[usage] {
 			continue
@@ -40,12 +40,12 @@ func (s *Service) Bootstrap(ctx context.Context, tenant string) error {
 		prov, err := s.ten.ProviderFor(ctx, p, "", s.reg)
 		if err != nil || !prov.Capabilities().CanCreate {
 			if prov, err = s.reg.Get(dbProviderID); err != nil {
-				errs = append(errs, fmt.Errorf("%s chain: %w", usage, err))
+				failures = append(failures, fmt.Errorf("%s chain: %w", usage, err))
 				continue
 			}
 		}
 		if _, err := s.create(ctx, tenant, prov, usage, TypeInternalChain, "Generated at tenant creation", Policy{}); err != nil {
-			errs = append(errs, fmt.Errorf("%s chain: %w", usage, err))
+			failures = append(failures, fmt.Errorf("%s chain: %w", usage, err))
 		}
 	}
 	if !have[UsageEncrypt] {
@@ -54,10 +54,10 @@ func (s *Service) Bootstrap(ctx context.Context, tenant string) error {
 			_, err = s.create(ctx, tenant, prov, UsageEncrypt, TypeStandalone, "Generated at tenant creation", Policy{})
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("encrypt chain: %w", err))
+			failures = append(failures, fmt.Errorf("encrypt chain: %w", err))
 		}
 	}
-	return errors.Join(errs...)
+	return errors.Join(failures...)
 }
 
 // FileResult reports what the config import did with one file.

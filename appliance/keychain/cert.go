@@ -22,8 +22,9 @@ import (
 	"golang.org/x/crypto/cryptobyte"
 	cbasn1 "golang.org/x/crypto/cryptobyte/asn1"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // oidECDSAWithSHA256 is the only signature algorithm kmsgate certificates use.
@@ -200,7 +201,7 @@ func (p certProfile) issue(ctx context.Context, spec certSpec, by signer) (*x509
 		err = cert.CheckSignatureFrom(issuer)
 	}
 	if err != nil {
-		return nil, providers.Wrap(providers.KindInternal, err, "the provider's certificate signature does not verify")
+		return nil, errs.Wrap(errs.Internal, err, "the provider's certificate signature does not verify")
 	}
 	return cert, nil
 }

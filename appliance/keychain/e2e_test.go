@@ -25,8 +25,9 @@ import (
 	"github.com/kmsgate/kmsgate/appliance"
 	"github.com/kmsgate/kmsgate/appliance/keychain"
 	"github.com/kmsgate/kmsgate/internal/apptest"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // TestChainSuiteDB runs the provider-agnostic suite on the db provider. Other providers (pkcs11
@@ -378,7 +379,7 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string) {
 }
 
 func isNotFound(err error) bool {
-	return err != nil && providers.KindOf(err) == providers.KindNotFound
+	return err != nil && errs.KindOf(err) == errs.NotFound
 }
 
 func waitFor(t *testing.T, cond func() bool) {

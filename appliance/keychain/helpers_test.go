@@ -24,9 +24,10 @@ import (
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/db"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // fakeClock is a movable clock.
@@ -62,7 +63,7 @@ func (p *recProvider) Generate(ctx context.Context, s providers.KeySpec) (provid
 	p.generated = append(p.generated, s.KID)
 	p.mu.Unlock()
 	if fail {
-		return providers.KeyRef{}, providers.Errorf(providers.KindUnavailable, "backend down")
+		return providers.KeyRef{}, errs.Errorf(errs.Unavailable, "backend down")
 	}
 	return p.Provider.Generate(ctx, s)
 }
@@ -92,7 +93,7 @@ func (p *recProvider) SignDigest(ctx context.Context, r providers.KeyRef, alg st
 	fail := p.failSign
 	p.mu.Unlock()
 	if fail {
-		return nil, providers.Errorf(providers.KindUnavailable, "backend down")
+		return nil, errs.Errorf(errs.Unavailable, "backend down")
 	}
 	return p.Provider.SignDigest(ctx, r, alg, d)
 }
@@ -103,7 +104,7 @@ func (p *recProvider) SignMessage(ctx context.Context, r providers.KeyRef, alg s
 	p.signedWhole++
 	p.mu.Unlock()
 	if fail {
-		return nil, providers.Errorf(providers.KindUnavailable, "backend down")
+		return nil, errs.Errorf(errs.Unavailable, "backend down")
 	}
 	return p.Provider.SignMessage(ctx, r, alg, m)
 }
@@ -275,14 +276,14 @@ func privJWK(t *testing.T, k *ecdsa.PrivateKey) *keyutil.JWK {
 	return &j
 }
 
-func wantCode(t *testing.T, err error, kind providers.Kind, code string) {
+func wantCode(t *testing.T, err error, kind errs.Kind, code string) {
 	t.Helper()
 	if err == nil {
 		t.Fatalf("want %s/%s error, got nil", kind, code)
 	}
-	var pe *providers.Error
+	var pe *errs.Error
 	if !errors.As(err, &pe) || pe.Kind != kind || (code != "" && pe.Code != code) {
-		t.Fatalf("want %s/%s, got %v (kind %s, code %q)", kind, code, err, providers.KindOf(err), providers.CodeOf(err))
+		t.Fatalf("want %s/%s, got %v (kind %s, code %q)", kind, code, err, errs.KindOf(err), errs.CodeOf(err))
 	}
 }
 

@@ -14,8 +14,9 @@ import (
 
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // parseImportKey checks a private JWK of an import request.
@@ -81,7 +82,7 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 	}
 	caps := prov.Capabilities()
 	if !caps.CanImport {
-		return "", providers.Errorf(providers.KindNotSupported,
+		return "", errs.Errorf(errs.NotSupported,
 			"provider %q (type %s) cannot import keys: create the key chain with POST /key-chain instead, or import into a provider that can (e.g. db)",
 			prov.ID(), prov.Type()).WithCode("import_not_supported")
 	}
@@ -101,7 +102,7 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 	var existing *Chain
 	if c, err := s.load(ctx, tenant, id); err == nil {
 		existing = c
-	} else if providers.KindOf(err) != providers.KindNotFound {
+	} else if errs.KindOf(err) != errs.NotFound {
 		return "", err
 	}
 	now := s.now()

@@ -8,8 +8,9 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // reservedHeaders are set by kmsgate and cannot be overridden by callers: alg and kid must name the
@@ -55,7 +56,7 @@ func (s *Service) Sign(ctx context.Context, tenant, id string, req SignRequest) 
 			return nil, badRequest("invalid_digest", "digest must be %d bytes for ES256, got %d", sha256.Size, len(req.Digest))
 		}
 		if !sg.prov.Capabilities().CanSignDigest {
-			return nil, providers.Errorf(providers.KindNotSupported, "provider %q signs whole messages only: send data instead of digest",
+			return nil, errs.Errorf(errs.NotSupported, "provider %q signs whole messages only: send data instead of digest",
 				sg.prov.ID()).WithCode("digest_not_supported")
 		}
 		sig, err = sg.prov.SignDigest(ctx, sg.ref, providers.ES256, req.Digest)
@@ -191,5 +192,5 @@ func (s *Service) ResolveUsage(ctx context.Context, tenant, usage string) (strin
 			return id, nil
 		}
 	}
-	return "", providers.Errorf(providers.KindNotFound, "no key chain with usageType %q", usage).WithCode("key_chain_not_found")
+	return "", errs.Errorf(errs.NotFound, "no key chain with usageType %q", usage).WithCode("key_chain_not_found")
 }

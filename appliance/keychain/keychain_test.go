@@ -16,8 +16,8 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 
-	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 var ctx = context.Background()
@@ -172,12 +172,12 @@ func TestCreateValidation(t *testing.T) {
 		{UsageType: UsageAccess, Type: TypeStandalone, Description: ptr(strings.Repeat("x", MaxDescriptionLen+1))},
 	}
 	for i, c := range cases {
-		if _, err := e.svc.Create(ctx, e.p, c); providers.KindOf(err) != providers.KindBadInput {
+		if _, err := e.svc.Create(ctx, e.p, c); errs.KindOf(err) != errs.BadInput {
 			t.Errorf("case %d: want bad input, got %v", i, err)
 		}
 	}
 	_, err := e.svc.Create(ctx, e.p, CreateRequest{UsageType: UsageAccess, Type: TypeStandalone, KMSProvider: "nope"})
-	wantCode(t, err, providers.KindBadInput, "unknown_provider")
+	wantCode(t, err, errs.BadInput, "unknown_provider")
 	if !strings.Contains(err.Error(), `["db"]`) {
 		t.Errorf("unknown provider error does not name the configured ids: %v", err)
 	}
@@ -289,7 +289,7 @@ func TestImportValidationFailures(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.req.UsageType = UsageAttestation
 			_, err := e.svc.Import(ctx, e.p, tc.req)
-			if providers.KindOf(err) != providers.KindBadInput {
+			if errs.KindOf(err) != errs.BadInput {
 				t.Fatalf("want 400, got %v", err)
 			}
 			for _, w := range tc.want {
@@ -307,7 +307,7 @@ func TestImportValidationFailures(t *testing.T) {
 	// Provider that cannot import → 405 (KindNotSupported).
 	e.prov.set(func(p *recProvider) { p.noImport = true })
 	_, err := e.svc.Import(ctx, e.p, ImportRequest{UsageType: UsageAccess, Key: privJWK(t, key)})
-	wantCode(t, err, providers.KindNotSupported, "import_not_supported")
+	wantCode(t, err, errs.NotSupported, "import_not_supported")
 }
 
 // verifyJWS checks a compact JWS with go-jose against a JWKS and, when present, its x5c chain.
@@ -381,7 +381,7 @@ func TestJWSRotationGraceAndScheduler(t *testing.T) {
 	if err != nil || len(jwsHeader(t, full.JWS)["x5c"].([]any)) != 2 {
 		t.Fatalf("full chain x5c: %v", err)
 	}
-	if _, err := e.svc.JWS(ctx, testTenant, id, JWSRequest{Payload: []byte(`{}`), Header: map[string]any{"alg": "none"}}); providers.KindOf(err) != providers.KindBadInput {
+	if _, err := e.svc.JWS(ctx, testTenant, id, JWSRequest{Payload: []byte(`{}`), Header: map[string]any{"alg": "none"}}); errs.KindOf(err) != errs.BadInput {
 		t.Errorf("alg override accepted: %v", err)
 	}
 
@@ -472,7 +472,7 @@ func TestFailedRotationLeavesChain(t *testing.T) {
 	e.prov.set(func(p *recProvider) { p.failSign = true })
 	e.clock.Add(time.Hour)
 	err = e.svc.Rotate(ctx, testTenant, id, "manual")
-	if providers.KindOf(err) != providers.KindUnavailable {
+	if errs.KindOf(err) != errs.Unavailable {
 		t.Fatalf("want unavailable, got %v", err)
 	}
 	after, _ := json.Marshal(e.chain(t, id))
@@ -512,7 +512,7 @@ func TestSignUpdateDeleteExportTenancy(t *testing.T) {
 		func() error { _, err := e.svc.Export(ctx, "other", id); return err },
 		func() error { return e.svc.Delete(ctx, "other", id) },
 	} {
-		wantCode(t, f(), providers.KindNotFound, "key_chain_not_found")
+		wantCode(t, f(), errs.NotFound, "key_chain_not_found")
 	}
 	// Update: description, policy patch, active certificate replacement validated.
 	if err := e.svc.Update(ctx, testTenant, id, UpdateRequest{Description: ptr("b"),
@@ -523,7 +523,7 @@ func TestSignUpdateDeleteExportTenancy(t *testing.T) {
 	if c.Description != "b" || c.Rotation.IntervalDays != 5 || c.Rotation.Enabled {
 		t.Fatalf("update: %+v", c.Rotation)
 	}
-	if err := e.svc.Update(ctx, testTenant, id, UpdateRequest{ActiveCertificate: ptr(c.RootCertificate)}); providers.KindOf(err) != providers.KindBadInput {
+	if err := e.svc.Update(ctx, testTenant, id, UpdateRequest{ActiveCertificate: ptr(c.RootCertificate)}); errs.KindOf(err) != errs.BadInput {
 		t.Fatalf("update with a cert for another key: %v", err)
 	}
 	if err := e.svc.Update(ctx, testTenant, id, UpdateRequest{ActiveCertificate: ptr(c.ActiveCertificate)}); err != nil {
@@ -570,7 +570,7 @@ func TestSignUpdateDeleteExportTenancy(t *testing.T) {
 				t.Errorf("encrypt chain %+v", l)
 			}
 			_, err := bootstrapped.svc.Sign(ctx, testTenant, l.ID, SignRequest{Data: []byte("x")})
-			wantCode(t, err, providers.KindBadInput, "wrong_usage")
+			wantCode(t, err, errs.BadInput, "wrong_usage")
 		}
 	}
 	if len(list) != 3 || usages[UsageAccess] != TypeInternalChain || usages[UsageAttestation] != TypeInternalChain {
@@ -603,7 +603,7 @@ func TestSignUpdateDeleteExportTenancy(t *testing.T) {
 			t.Errorf("delete left key %s in the backend", k)
 		}
 	}
-	if _, err := e.svc.Get(ctx, testTenant, id); providers.KindOf(err) != providers.KindNotFound {
+	if _, err := e.svc.Get(ctx, testTenant, id); errs.KindOf(err) != errs.NotFound {
 		t.Fatal("deleted chain still readable")
 	}
 }

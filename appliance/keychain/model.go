@@ -14,8 +14,8 @@ import (
 	"crypto/ecdsa"
 	"time"
 
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // Usage types (EUDIPLO's usageType enum).

@@ -20,9 +20,10 @@ import (
 
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // prefixChain namespaces chain records in the shared store: chain/<tenant>\x00<id>. The NUL
@@ -115,7 +116,7 @@ func (s *Service) lock(tenant, id string) func() {
 }
 
 func errNotFound(id string) error {
-	return providers.Errorf(providers.KindNotFound, "key chain %q not found", id).WithCode("key_chain_not_found")
+	return errs.Errorf(errs.NotFound, "key chain %q not found", id).WithCode("key_chain_not_found")
 }
 
 func (s *Service) load(ctx context.Context, tenant, id string) (*Chain, error) {
@@ -231,7 +232,7 @@ func (k *keyset) rollback() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for _, r := range k.refs {
-		if err := k.prov.Delete(ctx, r); err != nil && !errors.Is(err, providers.ErrNotFound) {
+		if err := k.prov.Delete(ctx, r); err != nil && !errors.Is(err, errs.NotFound) {
 			k.s.log.Warn("key chain: could not delete a key after a failed operation", "provider", r.ProviderID,
 				"kid", r.KID, "err", err)
 		}
@@ -251,7 +252,7 @@ func (s *Service) deleteKey(ctx context.Context, tenant string, k StoredKey) err
 	if err != nil {
 		return err
 	}
-	if err := prov.Delete(ctx, ref); err != nil && !errors.Is(err, providers.ErrNotFound) {
+	if err := prov.Delete(ctx, ref); err != nil && !errors.Is(err, errs.NotFound) {
 		return fmt.Errorf("delete key %s: %w", k.KID, err)
 	}
 	return nil
@@ -299,7 +300,7 @@ func (s *Service) Create(ctx context.Context, p *tenants.Principal, req CreateRe
 }
 
 func cannotCreate(prov providers.Provider) error {
-	return providers.Errorf(providers.KindNotSupported, "provider %q (type %s) cannot create keys", prov.ID(), prov.Type()).
+	return errs.Errorf(errs.NotSupported, "provider %q (type %s) cannot create keys", prov.ID(), prov.Type()).
 		WithCode("create_not_supported")
 }
 
@@ -516,8 +517,8 @@ func (s *Service) Delete(ctx context.Context, tenant, id string) error {
 	}
 	for _, k := range c.keys() {
 		if err := s.deleteKey(ctx, tenant, k); err != nil {
-			kind := providers.KindOf(err)
-			if kind == providers.KindUnavailable || kind == providers.KindThrottled {
+			kind := errs.KindOf(err)
+			if kind == errs.Unavailable || kind == errs.Throttled {
 				// Transient: keep the chain so a retry deletes the remaining keys.
 				return err
 			}
@@ -579,7 +580,7 @@ func (s *Service) rotateIfDue(ctx context.Context, tenant, id string) (done bool
 	defer s.lock(tenant, id)()
 	c, err := s.load(ctx, tenant, id)
 	if err != nil {
-		if providers.KindOf(err) == providers.KindNotFound {
+		if errs.KindOf(err) == errs.NotFound {
 			return false, nil // deleted meanwhile
 		}
 		return false, err

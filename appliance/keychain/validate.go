@@ -11,17 +11,17 @@ import (
 	"strings"
 	"time"
 
-	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 // badCert is the 400 every certificate validation failure answers with.
 func badCert(format string, args ...any) error {
-	return providers.Errorf(providers.KindBadInput, format, args...).WithCode("invalid_certificate")
+	return errs.Errorf(errs.BadInput, format, args...).WithCode("invalid_certificate")
 }
 
 func badRequest(code, format string, args ...any) error {
-	return providers.Errorf(providers.KindBadInput, format, args...).WithCode(code)
+	return errs.Errorf(errs.BadInput, format, args...).WithCode(code)
 }
 
 // label names certificate i of a crt array for error messages.

@@ -16,9 +16,10 @@ import (
 	"unicode/utf8"
 
 	"github.com/kmsgate/kmsgate/appliance/store"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // MaxKIDLen bounds a kid; providers use it in labels and key names.
@@ -62,15 +63,15 @@ func New(st *store.Store, reg Registry, m *metrics.Metrics, log *slog.Logger) *S
 func ValidateKID(kid string) error {
 	switch {
 	case kid == "":
-		return providers.Errorf(providers.KindBadInput, "kid must not be empty").WithCode("invalid_kid")
+		return errs.Errorf(errs.BadInput, "kid must not be empty").WithCode("invalid_kid")
 	case len(kid) > MaxKIDLen:
-		return providers.Errorf(providers.KindBadInput, "kid is longer than %d bytes", MaxKIDLen).WithCode("invalid_kid")
+		return errs.Errorf(errs.BadInput, "kid is longer than %d bytes", MaxKIDLen).WithCode("invalid_kid")
 	case !utf8.ValidString(kid):
-		return providers.Errorf(providers.KindBadInput, "kid is not valid UTF-8").WithCode("invalid_kid")
+		return errs.Errorf(errs.BadInput, "kid is not valid UTF-8").WithCode("invalid_kid")
 	}
 	for _, r := range kid {
 		if r < 0x20 || r == 0x7f {
-			return providers.Errorf(providers.KindBadInput, "kid contains control characters").WithCode("invalid_kid")
+			return errs.Errorf(errs.BadInput, "kid contains control characters").WithCode("invalid_kid")
 		}
 	}
 	return nil
@@ -83,7 +84,7 @@ func ResolveAlg(p providers.Provider, alg string) (string, error) {
 		alg = caps.DefaultAlg
 	}
 	if !caps.Supports(alg) {
-		return "", providers.Errorf(providers.KindBadInput, "unsupported alg %q (provider %s supports %s)", alg,
+		return "", errs.Errorf(errs.BadInput, "unsupported alg %q (provider %s supports %s)", alg,
 			p.ID(), strings.Join(caps.SupportedAlgs, ", ")).WithCode("unsupported_alg")
 	}
 	return alg, nil
@@ -117,11 +118,11 @@ func info(r *store.KeyRecord) *KeyInfo {
 }
 
 func errExists(kid string) error {
-	return providers.Errorf(providers.KindConflict, "key %q already exists", kid).WithCode("key_exists")
+	return errs.Errorf(errs.Conflict, "key %q already exists", kid).WithCode("key_exists")
 }
 
 func errNotFound(kid string) error {
-	return providers.Errorf(providers.KindNotFound, "key %q not found", kid).WithCode("key_not_found")
+	return errs.Errorf(errs.NotFound, "key %q not found", kid).WithCode("key_not_found")
 }
 
 // Generate creates a key in prov. A kid that exists for the tenant is a conflict.
@@ -134,7 +135,7 @@ func (s *Service) Generate(ctx context.Context, tenant, kid, alg string, prov pr
 		return nil, err
 	}
 	if !prov.Capabilities().CanCreate {
-		return nil, providers.Errorf(providers.KindNotSupported, "provider %s cannot create keys", prov.ID())
+		return nil, errs.Errorf(errs.NotSupported, "provider %s cannot create keys", prov.ID())
 	}
 	var existing store.KeyRecord
 	if err := s.st.Get(ctx, store.KeyRecordKey(tenant, kid), &existing); err == nil {
@@ -176,7 +177,7 @@ func (s *Service) Import(ctx context.Context, tenant, kid, alg string, prov prov
 		return nil, err
 	}
 	if !prov.Capabilities().CanImport {
-		return nil, providers.Errorf(providers.KindNotSupported, "provider %s (%s) cannot import keys", prov.ID(), prov.Type()).
+		return nil, errs.Errorf(errs.NotSupported, "provider %s (%s) cannot import keys", prov.ID(), prov.Type()).
 			WithCode("import_not_supported")
 	}
 	var old store.KeyRecord
@@ -316,7 +317,7 @@ func (s *Service) lookup(ctx context.Context, tenant, kid string) (*entry, error
 	}
 	p, err := s.reg.Get(r.ProviderID)
 	if err != nil {
-		return nil, providers.Errorf(providers.KindUnavailable, "key %q belongs to provider %q, which is not configured", kid, r.ProviderID)
+		return nil, errs.Errorf(errs.Unavailable, "key %q belongs to provider %q, which is not configured", kid, r.ProviderID)
 	}
 	ref := refOf(&r)
 	if ref.Public == nil {
@@ -339,17 +340,17 @@ func (s *Service) Sign(ctx context.Context, tenant, kid, alg string, data []byte
 	if alg == "" {
 		alg = e.ref.Alg
 	} else if alg != e.ref.Alg {
-		return nil, providers.Errorf(providers.KindBadInput, "alg %q does not match the key's algorithm %s", alg, e.ref.Alg).
+		return nil, errs.Errorf(errs.BadInput, "alg %q does not match the key's algorithm %s", alg, e.ref.Alg).
 			WithCode("unsupported_alg")
 	}
 	start := time.Now()
 	var sig []byte
 	switch {
 	case isDigest && len(data) != sha256.Size:
-		err = providers.Errorf(providers.KindBadInput, "digest must be %d bytes for %s, got %d", sha256.Size, alg, len(data)).
+		err = errs.Errorf(errs.BadInput, "digest must be %d bytes for %s, got %d", sha256.Size, alg, len(data)).
 			WithCode("invalid_digest")
 	case isDigest && !e.caps.CanSignDigest:
-		err = providers.Errorf(providers.KindNotSupported, "provider %s signs whole messages only; send data instead of digest", e.prov.ID()).
+		err = errs.Errorf(errs.NotSupported, "provider %s signs whole messages only; send data instead of digest", e.prov.ID()).
 			WithCode("digest_not_supported")
 	case !isDigest && !e.caps.CanSignMessage:
 		d := sha256.Sum256(data)
@@ -362,31 +363,31 @@ func (s *Service) Sign(ctx context.Context, tenant, kid, alg string, data []byte
 	res := metrics.ResultOK
 	if err != nil {
 		res = resultOf(err)
-		if providers.KindOf(err) == providers.KindThrottled {
+		if errs.KindOf(err) == errs.Throttled {
 			s.m.Throttled.WithLabelValues(e.prov.ID()).Inc()
 		}
-		if providers.KindOf(err) == providers.KindNotFound {
+		if errs.KindOf(err) == errs.NotFound {
 			// The backend lost the key (deleted out of band); drop the cached entry.
 			s.forget(tenant, kid)
 		}
 	} else if len(sig) != 64 {
 		// Never hand a caller a signature of the wrong shape: a wrong length corrupts JWS.
 		res = metrics.ResultError
-		sig, err = nil, providers.Errorf(providers.KindInternal, "provider %s returned a %d-byte signature", e.prov.ID(), len(sig))
+		sig, err = nil, errs.Errorf(errs.Internal, "provider %s returned a %d-byte signature", e.prov.ID(), len(sig))
 	}
 	e.rec.Observe(alg, res, time.Since(start))
 	return sig, err
 }
 
 func resultOf(err error) string {
-	switch providers.KindOf(err) {
-	case providers.KindUnavailable:
+	switch errs.KindOf(err) {
+	case errs.Unavailable:
 		return metrics.ResultUnavailable
-	case providers.KindThrottled:
+	case errs.Throttled:
 		return metrics.ResultThrottled
-	case providers.KindBadInput, providers.KindNotSupported:
+	case errs.BadInput, errs.NotSupported:
 		return metrics.ResultBadInput
-	case providers.KindNotFound:
+	case errs.NotFound:
 		return metrics.ResultNotFound
 	}
 	return metrics.ResultError

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"time"
 
-	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 // Key prefixes. Tenant-scoped records put the tenant first so a tenant's records list together,

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/kmsgate/kmsgate/appliance/store"
+	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/providers"
 )
 
@@ -437,7 +438,7 @@ func (s *Service) ProviderFor(ctx context.Context, p *Principal, requested strin
 		return nil, err
 	}
 	if len(t.AllowedProviders) > 0 && !slices.Contains(t.AllowedProviders, prov.ID()) {
-		return nil, providers.Errorf(providers.KindForbidden, "tenant %q may not use provider %q", t.ID, prov.ID()).
+		return nil, errs.Errorf(errs.Forbidden, "tenant %q may not use provider %q", t.ID, prov.ID()).
 			WithCode("provider_not_allowed")
 	}
 	return prov, nil

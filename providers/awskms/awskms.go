@@ -25,9 +25,10 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 	"github.com/aws/smithy-go"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/jwkcache"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // Config is the kms.json entry of an aws-kms provider.
@@ -137,8 +138,8 @@ func (p *Provider) Capabilities() providers.Capabilities {
 // ThrottledCount is how many calls KMS throttled, for the appliance's metrics.
 func (p *Provider) ThrottledCount() uint64 { return p.throttled.Load() }
 
-func (p *Provider) fail(kind providers.Kind, op, msg string, cause error) *providers.Error {
-	return &providers.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
+func (p *Provider) fail(kind errs.Kind, op, msg string, cause error) *errs.Error {
+	return &errs.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
 }
 
 // classify maps a KMS error to a provider error kind. SDK errors name the operation and request
@@ -147,38 +148,38 @@ func (p *Provider) classify(op string, err error) error {
 	var api smithy.APIError
 	if !errors.As(err, &api) {
 		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-			return p.fail(providers.KindUnavailable, op, "AWS KMS did not answer in time", err)
+			return p.fail(errs.Unavailable, op, "AWS KMS did not answer in time", err)
 		}
-		return p.fail(providers.KindUnavailable, op, "AWS KMS unreachable", err)
+		return p.fail(errs.Unavailable, op, "AWS KMS unreachable", err)
 	}
 	code := api.ErrorCode()
 	switch code {
 	case "NotFoundException":
-		return p.fail(providers.KindNotFound, op, "key not found in AWS KMS", err)
+		return p.fail(errs.NotFound, op, "key not found in AWS KMS", err)
 	case "KMSInvalidStateException":
 		if strings.Contains(strings.ToLower(api.ErrorMessage()), "pending deletion") {
-			return p.fail(providers.KindNotFound, op, "key is pending deletion in AWS KMS", err)
+			return p.fail(errs.NotFound, op, "key is pending deletion in AWS KMS", err)
 		}
-		return p.fail(providers.KindForbidden, op, "key is disabled or in a state that does not allow this", err)
+		return p.fail(errs.Forbidden, op, "key is disabled or in a state that does not allow this", err)
 	case "DisabledException":
-		return p.fail(providers.KindForbidden, op, "key is disabled in AWS KMS", err)
+		return p.fail(errs.Forbidden, op, "key is disabled in AWS KMS", err)
 	case "ThrottlingException", "LimitExceededException", "RequestLimitExceeded", "TooManyRequestsException",
 		"ServiceQuotaExceededException", "ProvisionedThroughputExceededException":
 		p.throttled.Add(1)
-		e := p.fail(providers.KindThrottled, op, "AWS KMS throttled the request ("+code+")", err)
+		e := p.fail(errs.Throttled, op, "AWS KMS throttled the request ("+code+")", err)
 		e.RetryAfter = throttleRetryAfter
 		return e
 	case "AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException",
 		"IncorrectKeyException", "ExpiredTokenException", "InvalidClientTokenId":
-		return p.fail(providers.KindForbidden, op, "AWS KMS refused the credentials or policy ("+code+")", err)
+		return p.fail(errs.Forbidden, op, "AWS KMS refused the credentials or policy ("+code+")", err)
 	case "InvalidKeyUsageException", "ValidationException", "TagException", "InvalidArnException",
 		"KMSInvalidSignatureException":
-		return p.fail(providers.KindBadInput, op, "AWS KMS rejected the request ("+code+")", err)
+		return p.fail(errs.BadInput, op, "AWS KMS rejected the request ("+code+")", err)
 	case "KMSInternalException", "DependencyTimeoutException", "KeyUnavailableException", "InternalFailure",
 		"ServiceUnavailable":
-		return p.fail(providers.KindUnavailable, op, "AWS KMS is unavailable ("+code+")", err)
+		return p.fail(errs.Unavailable, op, "AWS KMS is unavailable ("+code+")", err)
 	}
-	return p.fail(providers.KindInternal, op, "AWS KMS error ("+code+")", err)
+	return p.fail(errs.Internal, op, "AWS KMS error ("+code+")", err)
 }
 
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
@@ -187,7 +188,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" {
-		return providers.KeyRef{}, p.fail(providers.KindBadInput, op, "kid is required", nil)
+		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid is required", nil)
 	}
 	cctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
@@ -205,7 +206,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		return providers.KeyRef{}, p.classify(op, err)
 	}
 	if out.KeyMetadata == nil || out.KeyMetadata.KeyId == nil {
-		return providers.KeyRef{}, p.fail(providers.KindInternal, op, "CreateKey returned no KeyId", nil)
+		return providers.KeyRef{}, p.fail(errs.Internal, op, "CreateKey returned no KeyId", nil)
 	}
 	keyID := *out.KeyMetadata.KeyId
 	pub, err := p.fetchPublic(ctx, keyID)
@@ -232,7 +233,7 @@ func truncate(s string, n int) string {
 
 // Import is refused: AWS KMS only imports symmetric/HMAC material in this form, not EC signing keys.
 func (p *Provider) Import(context.Context, providers.KeySpec, *ecdsa.PrivateKey) (providers.KeyRef, error) {
-	return providers.KeyRef{}, p.fail(providers.KindNotSupported, "import",
+	return providers.KeyRef{}, p.fail(errs.NotSupported, "import",
 		"AWS KMS does not support importing EC private keys; create the key in KMS", nil)
 }
 
@@ -251,7 +252,7 @@ func (p *Provider) Delete(ctx context.Context, ref providers.KeyRef) error {
 func (p *Provider) scheduleDeletion(ctx context.Context, keyID string) error {
 	_, err := p.api.ScheduleKeyDeletion(ctx, &kms.ScheduleKeyDeletionInput{KeyId: aws.String(keyID),
 		PendingWindowInDays: aws.Int32(PendingWindowDays)})
-	if err == nil || providers.KindOf(p.classify("delete", err)) == providers.KindNotFound {
+	if err == nil || errs.KindOf(p.classify("delete", err)) == errs.NotFound {
 		return nil
 	}
 	var api smithy.APIError
@@ -263,7 +264,7 @@ func (p *Provider) scheduleDeletion(ctx context.Context, keyID string) error {
 
 func (p *Provider) PublicKey(ctx context.Context, ref providers.KeyRef) (*ecdsa.PublicKey, error) {
 	if ref.ExternalID == "" {
-		return nil, p.fail(providers.KindNotFound, "public key", "reference has no AWS KeyId", nil)
+		return nil, p.fail(errs.NotFound, "public key", "reference has no AWS KeyId", nil)
 	}
 	return p.cache.GetOrFetch(ctx, ref.ExternalID, func(ctx context.Context) (*ecdsa.PublicKey, error) {
 		return p.fetchPublic(ctx, ref.ExternalID)
@@ -279,15 +280,15 @@ func (p *Provider) fetchPublic(ctx context.Context, keyID string) (*ecdsa.Public
 		return nil, p.classify(op, err)
 	}
 	if out.KeySpec != types.KeySpecEccNistP256 {
-		return nil, p.fail(providers.KindNotSupported, op, fmt.Sprintf("key %s is %s, not ECC_NIST_P256", keyID, out.KeySpec), nil)
+		return nil, p.fail(errs.NotSupported, op, fmt.Sprintf("key %s is %s, not ECC_NIST_P256", keyID, out.KeySpec), nil)
 	}
 	k, err := x509.ParsePKIXPublicKey(out.PublicKey)
 	if err != nil {
-		return nil, p.fail(providers.KindInternal, op, "GetPublicKey returned an unparsable SubjectPublicKeyInfo", err)
+		return nil, p.fail(errs.Internal, op, "GetPublicKey returned an unparsable SubjectPublicKeyInfo", err)
 	}
 	pub, ok := k.(*ecdsa.PublicKey)
 	if !ok || pub.Curve != elliptic.P256() {
-		return nil, p.fail(providers.KindInternal, op, "GetPublicKey returned a key that is not P-256", nil)
+		return nil, p.fail(errs.Internal, op, "GetPublicKey returned a key that is not P-256", nil)
 	}
 	return pub, nil
 }
@@ -308,14 +309,14 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 		return nil, err
 	}
 	if len(digest) != sha256.Size {
-		return nil, p.fail(providers.KindBadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)
+		return nil, p.fail(errs.BadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)
 	}
 	return p.signDigest(ctx, op, ref, digest)
 }
 
 func (p *Provider) signDigest(ctx context.Context, op string, ref providers.KeyRef, digest []byte) ([]byte, error) {
 	if ref.ExternalID == "" {
-		return nil, p.fail(providers.KindNotFound, op, "reference has no AWS KeyId", nil)
+		return nil, p.fail(errs.NotFound, op, "reference has no AWS KeyId", nil)
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
@@ -326,7 +327,7 @@ func (p *Provider) signDigest(ctx context.Context, op string, ref providers.KeyR
 	}
 	raw, err := keyutil.DERToRaw(out.Signature, 32)
 	if err != nil {
-		return nil, p.fail(providers.KindInternal, op, "AWS KMS returned a malformed DER signature", err)
+		return nil, p.fail(errs.Internal, op, "AWS KMS returned a malformed DER signature", err)
 	}
 	return raw, nil
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/testenv"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/providertest"
@@ -142,8 +143,8 @@ func TestThrottlingFake(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = p.SignMessage(context.Background(), providers.KeyRef{ExternalID: randomUUID()}, "ES256", []byte("m"))
-	if providers.KindOf(err) != providers.KindThrottled || providers.RetryAfterOf(err) != time.Second {
-		t.Fatalf("throttled sign: %v (kind %v, retry-after %v), want KindThrottled with 1s", err, providers.KindOf(err), providers.RetryAfterOf(err))
+	if errs.KindOf(err) != errs.Throttled || errs.RetryAfterOf(err) != time.Second {
+		t.Fatalf("throttled sign: %v (kind %v, retry-after %v), want KindThrottled with 1s", err, errs.KindOf(err), errs.RetryAfterOf(err))
 	}
 	if p.ThrottledCount() != 1 {
 		t.Fatalf("ThrottledCount = %d, want 1", p.ThrottledCount())
@@ -192,7 +193,7 @@ func TestConfig(t *testing.T) {
 	if h.OK || !strings.Contains(h.Error, "unreachable") || strings.Contains(h.Error, testSecretKey) {
 		t.Fatalf("health of an unreachable endpoint: %+v", h)
 	}
-	if _, err := p.Import(context.Background(), providers.KeySpec{KID: "x"}, nil); providers.KindOf(err) != providers.KindNotSupported {
+	if _, err := p.Import(context.Background(), providers.KeySpec{KID: "x"}, nil); errs.KindOf(err) != errs.NotSupported {
 		t.Fatalf("Import: %v, want KindNotSupported", err)
 	}
 }

@@ -15,8 +15,9 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // Sealer encrypts key material bound to associated data; appliance/seal implements it.
@@ -85,7 +86,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	}
 	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "generate key")
+		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "generate key")
 	}
 	return p.store(ctx, spec, priv)
 }
@@ -95,7 +96,7 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 		return providers.KeyRef{}, err
 	}
 	if priv == nil || priv.Curve != elliptic.P256() {
-		return providers.KeyRef{}, providers.Errorf(providers.KindBadInput, "only P-256 private keys can be imported")
+		return providers.KeyRef{}, errs.Errorf(errs.BadInput, "only P-256 private keys can be imported")
 	}
 	return p.store(ctx, spec, priv)
 }
@@ -105,20 +106,20 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 func (p *Provider) store(ctx context.Context, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
 	d, err := priv.Bytes()
 	if err != nil {
-		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "encode key")
+		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "encode key")
 	}
 	sealed, err := p.sealer.Seal(d, p.aad(spec.Tenant, spec.KID))
 	clear(d)
 	if err != nil {
-		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "seal key")
+		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "seal key")
 	}
 	var idb [16]byte
 	if _, err := rand.Read(idb[:]); err != nil {
-		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "key id")
+		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "key id")
 	}
 	id := hex.EncodeToString(idb[:])
 	if err := p.keys.Save(ctx, id, sealed); err != nil {
-		return providers.KeyRef{}, providers.Wrap(providers.KindInternal, err, "store sealed key")
+		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "store sealed key")
 	}
 	alg := spec.Alg
 	if alg == "" {
@@ -137,7 +138,7 @@ func (p *Provider) Delete(ctx context.Context, ref providers.KeyRef) error {
 		return nil
 	}
 	if err := p.keys.Remove(ctx, ref.ExternalID); err != nil {
-		return providers.Wrap(providers.KindInternal, err, "delete sealed key")
+		return errs.Wrap(errs.Internal, err, "delete sealed key")
 	}
 	return nil
 }
@@ -159,19 +160,19 @@ func (p *Provider) key(ctx context.Context, ref providers.KeyRef) (*ecdsa.Privat
 	}
 	sealed, found, err := p.keys.Load(ctx, ref.ExternalID)
 	if err != nil {
-		return nil, providers.Wrap(providers.KindInternal, err, "load sealed key")
+		return nil, errs.Wrap(errs.Internal, err, "load sealed key")
 	}
 	if !found || ref.ExternalID == "" {
-		return nil, providers.Errorf(providers.KindNotFound, "key %q not found in provider %s", ref.KID, p.id)
+		return nil, errs.Errorf(errs.NotFound, "key %q not found in provider %s", ref.KID, p.id)
 	}
 	d, err := p.sealer.Open(sealed, p.aad(ref.Tenant, ref.KID))
 	if err != nil {
-		return nil, providers.Wrap(providers.KindInternal, err, "open sealed key")
+		return nil, errs.Wrap(errs.Internal, err, "open sealed key")
 	}
 	k, err = ecdsa.ParseRawPrivateKey(elliptic.P256(), d)
 	clear(d)
 	if err != nil {
-		return nil, providers.Wrap(providers.KindInternal, err, "decode sealed key")
+		return nil, errs.Wrap(errs.Internal, err, "decode sealed key")
 	}
 	p.mu.Lock()
 	p.cache[strings.Clone(ref.ExternalID)] = k
@@ -189,7 +190,7 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 		return nil, err
 	}
 	if len(digest) != sha256.Size {
-		return nil, providers.Errorf(providers.KindBadInput, "digest must be %d bytes for ES256, got %d", sha256.Size, len(digest))
+		return nil, errs.Errorf(errs.BadInput, "digest must be %d bytes for ES256, got %d", sha256.Size, len(digest))
 	}
 	k, err := p.key(ctx, ref)
 	if err != nil {
@@ -197,7 +198,7 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 	}
 	der, err := ecdsa.SignASN1(rand.Reader, k, digest)
 	if err != nil {
-		return nil, providers.Wrap(providers.KindInternal, err, "sign")
+		return nil, errs.Wrap(errs.Internal, err, "sign")
 	}
 	return keyutil.DERToRaw(der, 32)
 }

@@ -9,9 +9,9 @@ import (
 
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/appliance/store"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/db"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 	"github.com/kmsgate/kmsgate/providers/providertest"
 )
 

@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/providers"
 )
 
@@ -19,12 +20,12 @@ func (p *Provider) ExportPrivate(ref providers.KeyRef) (*ecdsa.PrivateKey, error
 	}
 	d, err := k.Bytes()
 	if err != nil {
-		return nil, providers.Wrap(providers.KindInternal, err, "encode key")
+		return nil, errs.Wrap(errs.Internal, err, "encode key")
 	}
 	defer clear(d)
 	out, err := ecdsa.ParseRawPrivateKey(elliptic.P256(), d)
 	if err != nil {
-		return nil, providers.Wrap(providers.KindInternal, err, "decode key")
+		return nil, errs.Wrap(errs.Internal, err, "decode key")
 	}
 	return out, nil
 }

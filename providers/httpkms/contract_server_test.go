@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 // contractServer is a minimal, independent implementation of eudiplo-compat.md §6, written from

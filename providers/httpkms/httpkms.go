@@ -23,9 +23,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/jwkcache"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 const (
@@ -96,8 +97,8 @@ func (p *Provider) Capabilities() providers.Capabilities {
 		SupportedAlgs: []string{providers.ES256}, DefaultAlg: providers.ES256}
 }
 
-func (p *Provider) fail(kind providers.Kind, op, msg string, cause error) *providers.Error {
-	return &providers.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
+func (p *Provider) fail(kind errs.Kind, op, msg string, cause error) *errs.Error {
+	return &errs.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
 }
 
 func remoteID(ref providers.KeyRef) string {
@@ -124,12 +125,12 @@ type jwkResponse struct {
 func (p *Provider) parsePublic(op string, body []byte) (*ecdsa.PublicKey, error) {
 	var r jwkResponse
 	if err := json.Unmarshal(body, &r); err != nil || r.PublicJWK == nil {
-		return nil, p.fail(providers.KindInternal, op, "remote response has no publicJwk", err)
+		return nil, p.fail(errs.Internal, op, "remote response has no publicJwk", err)
 	}
 	// kid/alg on the remote JWK are advisory (EUDIPLO overwrites them); only the point matters.
 	pub, err := keyutil.ParsePublicJWK(keyutil.JWK{Kty: r.PublicJWK.Kty, Crv: r.PublicJWK.Crv, X: r.PublicJWK.X, Y: r.PublicJWK.Y})
 	if err != nil {
-		return nil, p.fail(providers.KindInternal, op, "remote returned an invalid P-256 public key", err)
+		return nil, p.fail(errs.Internal, op, "remote returned an invalid P-256 public key", err)
 	}
 	return pub, nil
 }
@@ -142,7 +143,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" {
-		return providers.KeyRef{}, p.fail(providers.KindBadInput, op, "kid is required", nil)
+		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid is required", nil)
 	}
 	body, err := p.call(ctx, op, http.MethodPost, p.s.keysURL, map[string]string{"kid": spec.KID, "alg": providers.ES256}, false)
 	if err != nil {
@@ -161,18 +162,18 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
 	const op = "import"
 	if !p.s.canImport {
-		return providers.KeyRef{}, p.fail(providers.KindNotSupported, op,
+		return providers.KeyRef{}, p.fail(errs.NotSupported, op,
 			"this http provider is configured without import (canImport:false)", nil)
 	}
 	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
 		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" || priv == nil {
-		return providers.KeyRef{}, p.fail(providers.KindBadInput, op, "kid and private key are required", nil)
+		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid and private key are required", nil)
 	}
 	jwk, err := keyutil.PrivateJWK(priv, spec.KID, providers.ES256)
 	if err != nil {
-		return providers.KeyRef{}, p.fail(providers.KindBadInput, op, "private key is not P-256", err)
+		return providers.KeyRef{}, p.fail(errs.BadInput, op, "private key is not P-256", err)
 	}
 	body, err := p.call(ctx, op, http.MethodPost, p.keyURL(spec.KID, "/import"),
 		map[string]any{"privateJwk": jwk, "alg": providers.ES256}, false)
@@ -184,7 +185,7 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 		return providers.KeyRef{}, err
 	}
 	if !keyutil.SameKey(pub, &priv.PublicKey) {
-		return providers.KeyRef{}, p.fail(providers.KindInternal, op, "remote answered import with a different public key", nil)
+		return providers.KeyRef{}, p.fail(errs.Internal, op, "remote answered import with a different public key", nil)
 	}
 	p.cache.Put(spec.KID, pub)
 	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
@@ -200,7 +201,7 @@ func (p *Provider) Delete(ctx context.Context, ref providers.KeyRef) error {
 		return nil
 	}
 	_, err := p.call(ctx, op, http.MethodDelete, p.keyURL(kid, ""), nil, true)
-	if providers.KindOf(err) == providers.KindNotFound {
+	if errs.KindOf(err) == errs.NotFound {
 		return nil
 	}
 	return err
@@ -215,7 +216,7 @@ func (p *Provider) PublicKey(_ context.Context, ref providers.KeyRef) (*ecdsa.Pu
 	if ref.Public != nil {
 		return ref.Public, nil
 	}
-	return nil, p.fail(providers.KindNotSupported, "public key",
+	return nil, p.fail(errs.NotSupported, "public key",
 		"the http contract has no public-key endpoint and the reference holds no public key", nil)
 }
 
@@ -231,14 +232,14 @@ func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg st
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
 	const op = "sign digest"
 	if !p.digest.Load() {
-		return nil, p.fail(providers.KindNotSupported, op,
+		return nil, p.fail(errs.NotSupported, op,
 			"the remote KMS does not advertise kmsgate's digest extension; send the whole message", nil)
 	}
 	if err := providers.CheckES256(p.id, op, alg); err != nil {
 		return nil, err
 	}
 	if len(digest) != sha256.Size {
-		return nil, p.fail(providers.KindBadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)
+		return nil, p.fail(errs.BadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)
 	}
 	return p.sign(ctx, op, ref, map[string]string{"digest": base64.StdEncoding.EncodeToString(digest), "alg": providers.ES256}, digest)
 }
@@ -246,7 +247,7 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 func (p *Provider) sign(ctx context.Context, op string, ref providers.KeyRef, req map[string]string, digest []byte) ([]byte, error) {
 	kid := remoteID(ref)
 	if kid == "" {
-		return nil, p.fail(providers.KindBadInput, op, "key reference has no kid", nil)
+		return nil, p.fail(errs.BadInput, op, "key reference has no kid", nil)
 	}
 	body, err := p.call(ctx, op, http.MethodPost, p.keyURL(kid, "/sign"), req, true)
 	if err != nil {
@@ -256,20 +257,20 @@ func (p *Provider) sign(ctx context.Context, op string, ref providers.KeyRef, re
 		Signature string `json:"signature"`
 	}
 	if err := json.Unmarshal(body, &r); err != nil || r.Signature == "" {
-		return nil, p.fail(providers.KindInternal, op, "remote response has no signature", err)
+		return nil, p.fail(errs.Internal, op, "remote response has no signature", err)
 	}
 	sig, err := decodeB64(r.Signature)
 	if err != nil {
-		return nil, p.fail(providers.KindInternal, op, "remote signature is neither base64url nor base64", err)
+		return nil, p.fail(errs.Internal, op, "remote signature is neither base64url nor base64", err)
 	}
 	if len(sig) != 64 {
-		return nil, p.fail(providers.KindInternal, op,
+		return nil, p.fail(errs.Internal, op,
 			fmt.Sprintf("remote returned a %d-byte signature; the contract requires raw r||s (64 bytes), never DER", len(sig)), nil)
 	}
 	// A signature that does not verify would end up in a JWS or certificate nobody can verify;
 	// checking costs far less than the round trip.
 	if ref.Public != nil && !keyutil.VerifyRawDigest(ref.Public, digest, sig) {
-		return nil, p.fail(providers.KindInternal, op, "remote signature does not verify with the key's public key", nil)
+		return nil, p.fail(errs.Internal, op, "remote signature does not verify with the key's public key", nil)
 	}
 	return sig, nil
 }
@@ -294,9 +295,9 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 	body, err := p.call(ctx, "health", http.MethodGet, p.s.healthURL, nil, true)
 	h := providers.Health{LatencyMs: time.Since(start).Milliseconds()}
 	if err != nil {
-		h.Error = providers.PublicMessage(err)
-		var pe *providers.Error
-		if errors.As(err, &pe) && pe.Err != nil && pe.Kind == providers.KindUnavailable {
+		h.Error = errs.PublicMessage(err)
+		var pe *errs.Error
+		if errors.As(err, &pe) && pe.Err != nil && pe.Kind == errs.Unavailable {
 			h.Error += ": " + pe.Err.Error()
 		}
 		return h
@@ -333,7 +334,7 @@ func (p *Provider) call(ctx context.Context, op, method, target string, reqBody 
 	if reqBody != nil {
 		var err error
 		if payload, err = json.Marshal(reqBody); err != nil {
-			return nil, p.fail(providers.KindInternal, op, "encode request", err)
+			return nil, p.fail(errs.Internal, op, "encode request", err)
 		}
 	}
 	authRetried := false
@@ -350,7 +351,7 @@ func (p *Provider) call(ctx context.Context, op, method, target string, reqBody 
 			status == http.StatusGatewayTimeout
 		if transient && retryable && attempt < len(p.retryBackoff) && ctx.Err() == nil {
 			if errors.Is(err, errTokenEndpoint) {
-				return nil, p.fail(providers.KindUnavailable, op, "could not obtain an OAuth2 access token", err)
+				return nil, p.fail(errs.Unavailable, op, "could not obtain an OAuth2 access token", err)
 			}
 			select {
 			case <-ctx.Done():
@@ -360,9 +361,9 @@ func (p *Provider) call(ctx context.Context, op, method, target string, reqBody 
 		}
 		if err != nil {
 			if errors.Is(err, errTokenEndpoint) {
-				return nil, p.fail(providers.KindUnavailable, op, "could not obtain an OAuth2 access token", err)
+				return nil, p.fail(errs.Unavailable, op, "could not obtain an OAuth2 access token", err)
 			}
-			return nil, p.fail(providers.KindUnavailable, op, "remote KMS unreachable", err)
+			return nil, p.fail(errs.Unavailable, op, "remote KMS unreachable", err)
 		}
 		if status >= 200 && status < 300 {
 			return body, nil
@@ -416,26 +417,26 @@ func (p *Provider) statusError(op string, status int, hdr http.Header, body []by
 	if ex := excerpt(body); ex != "" {
 		msg += ": " + ex
 	}
-	kind := providers.KindInternal
+	kind := errs.Internal
 	switch {
 	case status == http.StatusNotFound && op == "import",
 		(status == http.StatusMethodNotAllowed || status == http.StatusNotImplemented) && op == "import":
-		kind = providers.KindNotSupported
+		kind = errs.NotSupported
 	case status == http.StatusNotFound:
-		kind = providers.KindNotFound
+		kind = errs.NotFound
 	case status == http.StatusConflict:
-		kind = providers.KindConflict
+		kind = errs.Conflict
 	case status == http.StatusBadRequest || status == http.StatusUnprocessableEntity:
-		kind = providers.KindBadInput
+		kind = errs.BadInput
 	case status == http.StatusUnauthorized || status == http.StatusForbidden:
-		kind = providers.KindForbidden
+		kind = errs.Forbidden
 		msg += " (check the provider's credentials)"
 	case status == http.StatusTooManyRequests:
-		e := p.fail(providers.KindThrottled, op, msg, nil)
+		e := p.fail(errs.Throttled, op, msg, nil)
 		e.RetryAfter = retryAfter(hdr, time.Second)
 		return e
 	case status == http.StatusServiceUnavailable || status == http.StatusBadGateway || status == http.StatusGatewayTimeout:
-		e := p.fail(providers.KindUnavailable, op, msg, nil)
+		e := p.fail(errs.Unavailable, op, msg, nil)
 		e.RetryAfter = retryAfter(hdr, 0)
 		return e
 	}

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/providertest"
 )
@@ -224,7 +225,7 @@ func TestRetryPolicy(t *testing.T) {
 	cs.failGen.Store(1)
 	before := cs.calls.generate.Load()
 	_, err := p.Generate(ctx, providers.KeySpec{KID: "g1", Alg: "ES256"})
-	if providers.KindOf(err) != providers.KindUnavailable {
+	if errs.KindOf(err) != errs.Unavailable {
 		t.Fatalf("generate on 503: %v, want KindUnavailable", err)
 	}
 	if n := cs.calls.generate.Load() - before; n != 1 {
@@ -246,7 +247,7 @@ func TestRetryPolicy(t *testing.T) {
 	cs.failSign.Store(10)
 	before = cs.calls.sign.Load()
 	_, err = p.SignMessage(ctx, ref, "ES256", []byte("m"))
-	if providers.KindOf(err) != providers.KindUnavailable {
+	if errs.KindOf(err) != errs.Unavailable {
 		t.Fatalf("sign on persistent 503: %v", err)
 	}
 	if n := cs.calls.sign.Load() - before; n != 3 {
@@ -255,7 +256,7 @@ func TestRetryPolicy(t *testing.T) {
 	cs.failSign.Store(0)
 
 	// Duplicate kid: the remote's 409 becomes KindConflict.
-	if _, err := p.Generate(ctx, providers.KeySpec{KID: "g2", Alg: "ES256"}); providers.KindOf(err) != providers.KindConflict {
+	if _, err := p.Generate(ctx, providers.KeySpec{KID: "g2", Alg: "ES256"}); errs.KindOf(err) != errs.Conflict {
 		t.Fatalf("duplicate generate: %v, want KindConflict", err)
 	}
 }
@@ -328,19 +329,19 @@ func TestResponseValidation(t *testing.T) {
 	}
 	mode.Store("429")
 	_, err := p.SignMessage(ctx, ref, "ES256", []byte("m"))
-	if providers.KindOf(err) != providers.KindThrottled || providers.RetryAfterOf(err) != 7*time.Second {
-		t.Fatalf("429: %v (kind %v, retry %v), want KindThrottled with Retry-After 7s", err, providers.KindOf(err), providers.RetryAfterOf(err))
+	if errs.KindOf(err) != errs.Throttled || errs.RetryAfterOf(err) != 7*time.Second {
+		t.Fatalf("429: %v (kind %v, retry %v), want KindThrottled with Retry-After 7s", err, errs.KindOf(err), errs.RetryAfterOf(err))
 	}
 	mode.Store("500big")
 	_, err = p.SignMessage(ctx, ref, "ES256", []byte("m"))
-	if providers.KindOf(err) != providers.KindInternal || !strings.Contains(err.Error(), "500") || len(err.Error()) > 600 {
-		t.Fatalf("500 with a large body: kind %v, %d-char error %.100q", providers.KindOf(err), len(err.Error()), err)
+	if errs.KindOf(err) != errs.Internal || !strings.Contains(err.Error(), "500") || len(err.Error()) > 600 {
+		t.Fatalf("500 with a large body: kind %v, %d-char error %.100q", errs.KindOf(err), len(err.Error()), err)
 	}
 	mode.Store("404")
-	if _, err := p.SignMessage(ctx, ref, "ES256", []byte("m")); providers.KindOf(err) != providers.KindNotFound {
+	if _, err := p.SignMessage(ctx, ref, "ES256", []byte("m")); errs.KindOf(err) != errs.NotFound {
 		t.Fatalf("404 on sign: %v, want KindNotFound", err)
 	}
-	if _, err := p.Import(ctx, providers.KeySpec{KID: "k", Alg: "ES256"}, k); providers.KindOf(err) != providers.KindNotSupported {
+	if _, err := p.Import(ctx, providers.KeySpec{KID: "k", Alg: "ES256"}, k); errs.KindOf(err) != errs.NotSupported {
 		t.Fatalf("404 on import: %v, want KindNotSupported", err)
 	}
 	if err := p.Delete(ctx, ref); err != nil {

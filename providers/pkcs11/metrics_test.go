@@ -7,13 +7,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kmsgate/kmsgate/hsm"
-	"github.com/kmsgate/kmsgate/internal/testenv"
-	"github.com/kmsgate/kmsgate/metrics"
-	"github.com/kmsgate/kmsgate/providers"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
+
+	"github.com/kmsgate/kmsgate/hsm"
+	"github.com/kmsgate/kmsgate/internal/testenv"
+	"github.com/kmsgate/kmsgate/providers"
 )
 
 // TestMetricsCollector scrapes the pkcs11 collector for a healthy and a broken provider, lints
@@ -31,7 +31,7 @@ func TestMetricsCollector(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	c := metrics.NewPKCS11Collector(func() map[string]hsm.Stats {
+	c := NewCollector(func() map[string]hsm.Stats {
 		return map[string]hsm.Stats{"hsm": good.Stats(), "broken": bad.Stats()}
 	})
 	reg := prometheus.NewPedanticRegistry()

@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"github.com/kmsgate/kmsgate/hsm"
+	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/providers"
 )
 
@@ -175,39 +176,39 @@ func (p *Provider) Capabilities() providers.Capabilities {
 
 // fail classifies an hsm error into a provider error with a caller-safe message.
 func (p *Provider) fail(op string, err error) error {
-	var kind providers.Kind
+	var kind errs.Kind
 	msg := "PKCS#11 operation failed"
 	var oe *hsm.OpError
 	switch {
 	case errors.Is(err, hsm.ErrKeyNotFound):
-		kind, msg = providers.KindNotFound, "key not found on the token"
+		kind, msg = errs.NotFound, "key not found on the token"
 	case errors.Is(err, hsm.ErrReadOnly):
-		kind, msg = providers.KindForbidden, "provider is readOnly: keys cannot be created or deleted"
+		kind, msg = errs.Forbidden, "provider is readOnly: keys cannot be created or deleted"
 	case errors.Is(err, hsm.ErrPoolExhausted):
-		kind, msg = providers.KindUnavailable, "all PKCS#11 sessions are busy; retry later"
+		kind, msg = errs.Unavailable, "all PKCS#11 sessions are busy; retry later"
 	case errors.Is(err, hsm.ErrSlotDown), errors.Is(err, hsm.ErrClosed):
-		kind, msg = providers.KindUnavailable, "PKCS#11 slot unavailable (recovering in the background); retry later"
+		kind, msg = errs.Unavailable, "PKCS#11 slot unavailable (recovering in the background); retry later"
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
-		kind, msg = providers.KindUnavailable, "request deadline reached before the token answered"
+		kind, msg = errs.Unavailable, "request deadline reached before the token answered"
 	case errors.As(err, &oe):
 		switch oe.Class() {
 		case hsm.ClassFatal:
-			kind, msg = providers.KindUnavailable, "PKCS#11 token failed ("+hsm.CKRName(oe.RV)+"); the slot is being rebuilt, retry later"
+			kind, msg = errs.Unavailable, "PKCS#11 token failed ("+hsm.CKRName(oe.RV)+"); the slot is being rebuilt, retry later"
 		case hsm.ClassCaller:
-			kind, msg = providers.KindBadInput, "the token refused the request ("+hsm.CKRName(oe.RV)+")"
+			kind, msg = errs.BadInput, "the token refused the request ("+hsm.CKRName(oe.RV)+")"
 		case hsm.ClassStaleHandle:
-			kind, msg = providers.KindNotFound, "key handle is no longer valid on the token"
+			kind, msg = errs.NotFound, "key handle is no longer valid on the token"
 		default:
-			kind, msg = providers.KindInternal, "PKCS#11 call failed ("+hsm.CKRName(oe.RV)+")"
+			kind, msg = errs.Internal, "PKCS#11 call failed ("+hsm.CKRName(oe.RV)+")"
 		}
 	case errors.Is(err, hsm.ErrNotP256):
-		kind, msg = providers.KindNotSupported, "the key is not a P-256 key; the pkcs11 provider supports ES256 only"
+		kind, msg = errs.NotSupported, "the key is not a P-256 key; the pkcs11 provider supports ES256 only"
 	case errors.Is(err, hsm.ErrBadKey):
-		kind, msg = providers.KindInternal, "the token returned an invalid P-256 public key"
+		kind, msg = errs.Internal, "the token returned an invalid P-256 public key"
 	}
-	e := providers.Wrap(kind, err, msg)
+	e := errs.Wrap(kind, err, msg)
 	e.Provider, e.Op = p.id, op
-	if kind == providers.KindUnavailable {
+	if kind == errs.Unavailable {
 		e.RetryAfter = time.Second
 	}
 	return e
@@ -224,7 +225,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" {
-		return providers.KeyRef{}, providers.Errorf(providers.KindBadInput, "kid is required")
+		return providers.KeyRef{}, errs.Errorf(errs.BadInput, "kid is required")
 	}
 	if p.readOnly {
 		return providers.KeyRef{}, p.fail("generate", hsm.ErrReadOnly)
@@ -238,7 +239,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 
 // Import implements providers.Provider: never supported, keys are born in the HSM.
 func (p *Provider) Import(context.Context, providers.KeySpec, *ecdsa.PrivateKey) (providers.KeyRef, error) {
-	e := providers.Errorf(providers.KindNotSupported, "pkcs11 keys must be generated inside the HSM; import is not supported")
+	e := errs.Errorf(errs.NotSupported, "pkcs11 keys must be generated inside the HSM; import is not supported")
 	e.Provider, e.Op = p.id, "import"
 	return providers.KeyRef{}, e
 }
@@ -280,7 +281,7 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 		return nil, err
 	}
 	if len(digest) != sha256.Size {
-		return nil, providers.Errorf(providers.KindBadInput, "ES256 digest must be 32 bytes, got %d", len(digest))
+		return nil, errs.Errorf(errs.BadInput, "ES256 digest must be 32 bytes, got %d", len(digest))
 	}
 	return p.sign(ctx, ref, digest)
 }

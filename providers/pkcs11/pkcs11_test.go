@@ -19,9 +19,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/internal/testenv"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 func cfgFor(t *testing.T, id string, fields map[string]any) providers.Config {
@@ -94,17 +95,17 @@ func TestProviderContract(t *testing.T) {
 	}
 
 	// Wrong inputs get the right kinds.
-	if _, err := p.SignDigest(ctx, a, "ES256", d[:20]); providers.KindOf(err) != providers.KindBadInput {
+	if _, err := p.SignDigest(ctx, a, "ES256", d[:20]); errs.KindOf(err) != errs.BadInput {
 		t.Fatalf("short digest: %v", err)
 	}
-	if _, err := p.SignMessage(ctx, a, "ES384", msg); providers.KindOf(err) != providers.KindNotSupported {
+	if _, err := p.SignMessage(ctx, a, "ES384", msg); errs.KindOf(err) != errs.NotSupported {
 		t.Fatalf("ES384: %v", err)
 	}
-	if _, err := p.Generate(ctx, providers.KeySpec{KID: "x", Alg: "ES512"}); providers.KindOf(err) != providers.KindNotSupported || !strings.Contains(err.Error(), "ES512") {
+	if _, err := p.Generate(ctx, providers.KeySpec{KID: "x", Alg: "ES512"}); errs.KindOf(err) != errs.NotSupported || !strings.Contains(err.Error(), "ES512") {
 		t.Fatalf("ES512 generate: %v", err)
 	}
 	priv, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if _, err := p.Import(ctx, providers.KeySpec{KID: "imp"}, priv); providers.KindOf(err) != providers.KindNotSupported ||
+	if _, err := p.Import(ctx, providers.KeySpec{KID: "imp"}, priv); errs.KindOf(err) != errs.NotSupported ||
 		!strings.Contains(err.Error(), "generated inside the HSM") {
 		t.Fatalf("Import: %v", err)
 	}
@@ -115,7 +116,7 @@ func TestProviderContract(t *testing.T) {
 	if err := p.Delete(ctx, a); err != nil {
 		t.Fatalf("delete is not idempotent: %v", err)
 	}
-	if _, err := p.SignMessage(ctx, a, "ES256", msg); !errors.Is(err, providers.ErrNotFound) {
+	if _, err := p.SignMessage(ctx, a, "ES256", msg); !errors.Is(err, errs.NotFound) {
 		t.Fatalf("sign deleted key: %v", err)
 	}
 	if _, err := p.SignMessage(ctx, b, "ES256", msg); err != nil {
@@ -178,8 +179,8 @@ func TestBrokenProvidersStayIsolated(t *testing.T) {
 				t.Fatalf("health = %+v, want not ok with %q and a fix, never the PIN", h, c.want)
 			}
 			_, err = pr.SignMessage(context.Background(), providers.KeyRef{ExternalID: "00", KID: "k"}, "ES256", []byte("x"))
-			if providers.KindOf(err) != providers.KindUnavailable || strings.Contains(err.Error(), wrongPIN) {
-				t.Fatalf("sign on a broken provider: %v (kind %v)", err, providers.KindOf(err))
+			if errs.KindOf(err) != errs.Unavailable || strings.Contains(err.Error(), wrongPIN) {
+				t.Fatalf("sign on a broken provider: %v (kind %v)", err, errs.KindOf(err))
 			}
 			if h := good.Health(context.Background()); !h.OK {
 				t.Fatalf("healthy provider affected: %+v", h)
@@ -206,10 +207,10 @@ func TestReadOnlyProvider(t *testing.T) {
 	if c := ro.Capabilities(); c.CanCreate || c.CanDelete {
 		t.Fatalf("read-only capabilities %+v", c)
 	}
-	if _, err := ro.Generate(context.Background(), providers.KeySpec{KID: "x"}); providers.KindOf(err) != providers.KindForbidden || !strings.Contains(err.Error(), "readOnly") {
+	if _, err := ro.Generate(context.Background(), providers.KeySpec{KID: "x"}); errs.KindOf(err) != errs.Forbidden || !strings.Contains(err.Error(), "readOnly") {
 		t.Fatalf("read-only generate: %v", err)
 	}
-	if err := ro.Delete(context.Background(), ref); providers.KindOf(err) != providers.KindForbidden {
+	if err := ro.Delete(context.Background(), ref); errs.KindOf(err) != errs.Forbidden {
 		t.Fatalf("read-only delete: %v", err)
 	}
 	ref.ProviderID = "ro"
@@ -313,7 +314,7 @@ func TestTwoProvidersTwoTokensOneLibrary(t *testing.T) {
 			t.Fatalf("%s: %v", c.p.ID(), err)
 		}
 	}
-	if _, err := a.SignMessage(ctx, rb, "ES256", []byte("m")); !errors.Is(err, providers.ErrNotFound) {
+	if _, err := a.SignMessage(ctx, rb, "ES256", []byte("m")); !errors.Is(err, errs.NotFound) {
 		t.Fatalf("provider a signed with token b's key: %v", err)
 	}
 	if a.SlotInfo().TokenLabel == b.SlotInfo().TokenLabel {

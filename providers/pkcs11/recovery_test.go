@@ -5,9 +5,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/internal/testenv"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // TestProviderRecovery checks the contract face of a token failure: requests during the outage
@@ -25,8 +26,8 @@ func TestProviderRecovery(t *testing.T) {
 	}
 	shim.Fail(t)
 	_, err = p.SignMessage(ctx, ref, "ES256", []byte("during"))
-	if providers.KindOf(err) != providers.KindUnavailable || providers.RetryAfterOf(err) == 0 {
-		t.Fatalf("sign during outage: %v (kind %v)", err, providers.KindOf(err))
+	if errs.KindOf(err) != errs.Unavailable || errs.RetryAfterOf(err) == 0 {
+		t.Fatalf("sign during outage: %v (kind %v)", err, errs.KindOf(err))
 	}
 	if h := p.Health(ctx); h.OK {
 		t.Fatal("health ok during outage")

@@ -17,8 +17,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
 )
 
 // Harness describes one provider under test.
@@ -130,7 +131,7 @@ func Run(t *testing.T, h Harness) Result {
 		d := sha256Sum([]byte("digest input"))
 		sig, err := p.SignDigest(ctx, ref, providers.ES256, d)
 		if !caps.CanSignDigest {
-			if providers.KindOf(err) != providers.KindNotSupported || sig != nil {
+			if errs.KindOf(err) != errs.NotSupported || sig != nil {
 				t.Fatalf("SignDigest without CanSignDigest: got sig=%x err=%v, want KindNotSupported", sig, err)
 			}
 			return
@@ -146,12 +147,12 @@ func Run(t *testing.T, h Harness) Result {
 
 	t.Run("unsupported alg is refused", func(t *testing.T) {
 		sig, err := p.SignMessage(ctx, ref, "ES384", []byte("x"))
-		if k := providers.KindOf(err); err == nil || (k != providers.KindNotSupported && k != providers.KindBadInput) || sig != nil {
-			t.Fatalf("SignMessage ES384: sig=%x err=%v (kind %v), want KindNotSupported/KindBadInput", sig, err, providers.KindOf(err))
+		if k := errs.KindOf(err); err == nil || (k != errs.NotSupported && k != errs.BadInput) || sig != nil {
+			t.Fatalf("SignMessage ES384: sig=%x err=%v (kind %v), want KindNotSupported/KindBadInput", sig, err, errs.KindOf(err))
 		}
 		if caps.CanSignDigest {
 			sig, err = p.SignDigest(ctx, ref, "ES384", make([]byte, 48))
-			if k := providers.KindOf(err); err == nil || (k != providers.KindNotSupported && k != providers.KindBadInput) || sig != nil {
+			if k := errs.KindOf(err); err == nil || (k != errs.NotSupported && k != errs.BadInput) || sig != nil {
 				t.Fatalf("SignDigest ES384: sig=%x err=%v, want KindNotSupported/KindBadInput", sig, err)
 			}
 		}
@@ -214,8 +215,8 @@ func Run(t *testing.T, h Harness) Result {
 		is := newSpec(h.Tenant, "import")
 		r, err := p.Import(ctx, is, priv)
 		if !caps.CanImport {
-			if providers.KindOf(err) != providers.KindNotSupported {
-				t.Fatalf("Import without CanImport: err=%v (kind %v), want KindNotSupported", err, providers.KindOf(err))
+			if errs.KindOf(err) != errs.NotSupported {
+				t.Fatalf("Import without CanImport: err=%v (kind %v), want KindNotSupported", err, errs.KindOf(err))
 			}
 			// Nothing may have been created: the same kid must still be free.
 			g, err := p.Generate(ctx, is)
@@ -267,11 +268,11 @@ func Run(t *testing.T, h Harness) Result {
 			t.Fatalf("Delete of a never-created key: %v", err)
 		}
 		sig, err := p.SignMessage(ctx, r, providers.ES256, []byte("after"))
-		if providers.KindOf(err) != providers.KindNotFound || sig != nil {
-			t.Fatalf("SignMessage after delete: sig=%x err=%v (kind %v), want KindNotFound", sig, err, providers.KindOf(err))
+		if errs.KindOf(err) != errs.NotFound || sig != nil {
+			t.Fatalf("SignMessage after delete: sig=%x err=%v (kind %v), want KindNotFound", sig, err, errs.KindOf(err))
 		}
-		if _, err := p.SignMessage(ctx, mref, providers.ES256, []byte("x")); providers.KindOf(err) != providers.KindNotFound {
-			t.Fatalf("SignMessage with a never-created key: err=%v (kind %v), want KindNotFound", err, providers.KindOf(err))
+		if _, err := p.SignMessage(ctx, mref, providers.ES256, []byte("x")); errs.KindOf(err) != errs.NotFound {
+			t.Fatalf("SignMessage with a never-created key: err=%v (kind %v), want KindNotFound", err, errs.KindOf(err))
 		}
 	})
 

@@ -23,6 +23,7 @@ import (
 
 	"github.com/hashicorp/vault/api"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/jwkcache"
 )
@@ -145,8 +146,8 @@ func (p *Provider) Close() error {
 	return nil
 }
 
-func (p *Provider) fail(kind providers.Kind, op, msg string, cause error) *providers.Error {
-	return &providers.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
+func (p *Provider) fail(kind errs.Kind, op, msg string, cause error) *errs.Error {
+	return &errs.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
 }
 
 // locate returns the mount and key name of a reference (ExternalID "mount/key", else derived).
@@ -155,18 +156,18 @@ func (p *Provider) locate(ref providers.KeyRef) (mount, key string, err error) {
 		if m, k, ok := splitExternalID(ref.ExternalID); ok {
 			return m, k, nil
 		}
-		return "", "", p.fail(providers.KindBadInput, "locate", fmt.Sprintf("external id %q is not mount/key", ref.ExternalID), nil)
+		return "", "", p.fail(errs.BadInput, "locate", fmt.Sprintf("external id %q is not mount/key", ref.ExternalID), nil)
 	}
 	return p.names(providers.KeySpec{Tenant: ref.Tenant, KID: ref.KID})
 }
 
 func (p *Provider) names(spec providers.KeySpec) (mount, key string, err error) {
 	if spec.Tenant == "" || spec.KID == "" {
-		return "", "", p.fail(providers.KindBadInput, "locate", "tenant and kid are required", nil)
+		return "", "", p.fail(errs.BadInput, "locate", "tenant and kid are required", nil)
 	}
 	mount, key = mountFor(p.mountPrefix, spec.Tenant), encodeName(spec.KID)
 	if len(mount) > maxEncodedName || len(key) > maxEncodedName {
-		return "", "", p.fail(providers.KindBadInput, "locate", "tenant or kid is too long for a Vault path", nil)
+		return "", "", p.fail(errs.BadInput, "locate", "tenant or kid is too long for a Vault path", nil)
 	}
 	return mount, key, nil
 }
@@ -190,24 +191,24 @@ func (p *Provider) classify(op string, err error) error {
 	lmsg := strings.ToLower(msg)
 	switch {
 	case status == 0 && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)):
-		return p.fail(providers.KindUnavailable, op, "vault did not answer in time", err)
+		return p.fail(errs.Unavailable, op, "vault did not answer in time", err)
 	case status == 0:
-		return p.fail(providers.KindUnavailable, op, "vault unreachable", err)
+		return p.fail(errs.Unavailable, op, "vault unreachable", err)
 	case status == http.StatusNotFound, status == http.StatusBadRequest && strings.Contains(lmsg, "not found"),
 		status == http.StatusBadRequest && strings.Contains(lmsg, "no existing key"):
-		return p.fail(providers.KindNotFound, op, "key not found in vault", err)
+		return p.fail(errs.NotFound, op, "key not found in vault", err)
 	case status == http.StatusForbidden:
-		return p.fail(providers.KindForbidden, op, "vault denied the request (token expired or revoked, or policy): "+msg, err)
+		return p.fail(errs.Forbidden, op, "vault denied the request (token expired or revoked, or policy): "+msg, err)
 	case status == http.StatusTooManyRequests:
-		e := p.fail(providers.KindThrottled, op, "vault rate limit reached", err)
+		e := p.fail(errs.Throttled, op, "vault rate limit reached", err)
 		e.RetryAfter = time.Second
 		return e
 	case status == http.StatusBadRequest:
-		return p.fail(providers.KindBadInput, op, "vault rejected the request: "+msg, err)
+		return p.fail(errs.BadInput, op, "vault rejected the request: "+msg, err)
 	case status == http.StatusServiceUnavailable || status == http.StatusBadGateway || status == http.StatusGatewayTimeout:
-		return p.fail(providers.KindUnavailable, op, fmt.Sprintf("vault unavailable (%d): %s", status, msg), err)
+		return p.fail(errs.Unavailable, op, fmt.Sprintf("vault unavailable (%d): %s", status, msg), err)
 	}
-	return p.fail(providers.KindInternal, op, fmt.Sprintf("vault answered %d: %s", status, msg), err)
+	return p.fail(errs.Internal, op, fmt.Sprintf("vault answered %d: %s", status, msg), err)
 }
 
 // ensureMount creates the tenant's transit mount once per provider. Answers meaning "already
@@ -279,7 +280,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		resp.Body.Close()
 	}
 	if err == nil {
-		return providers.KeyRef{}, p.fail(providers.KindConflict, op, "a vault key named "+mount+"/"+key+" already exists", nil)
+		return providers.KeyRef{}, p.fail(errs.Conflict, op, "a vault key named "+mount+"/"+key+" already exists", nil)
 	}
 	if status, _ := statusOf(err); status != http.StatusNotFound {
 		return providers.KeyRef{}, p.classify(op, err)
@@ -305,7 +306,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 // Import is refused: Vault's BYOK import needs the key wrapped with the mount's wrapping key
 // (RSA-OAEP + AES-KWP), which EUDIPLO's plain import never did and which kmsgate does not do yet.
 func (p *Provider) Import(context.Context, providers.KeySpec, *ecdsa.PrivateKey) (providers.KeyRef, error) {
-	return providers.KeyRef{}, p.fail(providers.KindNotSupported, "import",
+	return providers.KeyRef{}, p.fail(errs.NotSupported, "import",
 		"Vault Transit imports only keys wrapped with Vault's wrapping key (BYOK); create the key in Vault instead", nil)
 }
 
@@ -324,7 +325,7 @@ func (p *Provider) Delete(ctx context.Context, ref providers.KeyRef) error {
 	if err == nil {
 		_, err = p.client.Logical().DeleteWithContext(ctx, mount+"/keys/"+key)
 	}
-	if err = p.classify(op, err); providers.KindOf(err) == providers.KindNotFound {
+	if err = p.classify(op, err); errs.KindOf(err) == errs.NotFound {
 		return nil
 	}
 	return err
@@ -359,7 +360,7 @@ func (p *Provider) readPublic(ctx context.Context, mount, key string) (*ecdsa.Pu
 		return nil, p.classify(op, err)
 	}
 	if sec == nil || sec.Data == nil {
-		return nil, p.fail(providers.KindNotFound, op, "key not found in vault", nil)
+		return nil, p.fail(errs.NotFound, op, "key not found in vault", nil)
 	}
 	var d struct {
 		Type          string `json:"type"`
@@ -369,23 +370,23 @@ func (p *Provider) readPublic(ctx context.Context, mount, key string) (*ecdsa.Pu
 		} `json:"keys"`
 	}
 	if b, err := json.Marshal(sec.Data); err != nil || json.Unmarshal(b, &d) != nil {
-		return nil, p.fail(providers.KindInternal, op, "unexpected key description from vault", err)
+		return nil, p.fail(errs.Internal, op, "unexpected key description from vault", err)
 	}
 	if d.Type != "ecdsa-p256" {
-		return nil, p.fail(providers.KindNotSupported, op, fmt.Sprintf("vault key is %q, not ecdsa-p256", d.Type), nil)
+		return nil, p.fail(errs.NotSupported, op, fmt.Sprintf("vault key is %q, not ecdsa-p256", d.Type), nil)
 	}
 	v, ok := d.Keys[strconv.Itoa(d.LatestVersion)]
 	if !ok {
-		return nil, p.fail(providers.KindInternal, op, fmt.Sprintf("vault key has no version %d", d.LatestVersion), nil)
+		return nil, p.fail(errs.Internal, op, fmt.Sprintf("vault key has no version %d", d.LatestVersion), nil)
 	}
 	blk, _ := pem.Decode([]byte(v.PublicKey))
 	if blk == nil {
-		return nil, p.fail(providers.KindInternal, op, "vault public key is not PEM", nil)
+		return nil, p.fail(errs.Internal, op, "vault public key is not PEM", nil)
 	}
 	k, err := x509.ParsePKIXPublicKey(blk.Bytes)
 	pub, isEC := k.(*ecdsa.PublicKey)
 	if err != nil || !isEC || pub.Curve != elliptic.P256() {
-		return nil, p.fail(providers.KindInternal, op, "vault public key is not a P-256 key", err)
+		return nil, p.fail(errs.Internal, op, "vault public key is not a P-256 key", err)
 	}
 	return pub, nil
 }
@@ -403,7 +404,7 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 		return nil, err
 	}
 	if len(digest) != sha256.Size {
-		return nil, p.fail(providers.KindBadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)
+		return nil, p.fail(errs.BadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)
 	}
 	return p.sign(ctx, op, ref, digest, true)
 }
@@ -428,12 +429,12 @@ func (p *Provider) sign(ctx context.Context, op string, ref providers.KeyRef, in
 		return nil, p.classify(op, err)
 	}
 	if sec == nil || sec.Data == nil {
-		return nil, p.fail(providers.KindInternal, op, "vault returned no signature", nil)
+		return nil, p.fail(errs.Internal, op, "vault returned no signature", nil)
 	}
 	s, _ := sec.Data["signature"].(string)
 	version, raw, err := parseSignature(s)
 	if err != nil {
-		return nil, p.fail(providers.KindInternal, op, "vault returned an unusable signature", err)
+		return nil, p.fail(errs.Internal, op, "vault returned an unusable signature", err)
 	}
 	p.log.Debug("signed", "mount", mount, "key", key, "keyVersion", version)
 	return raw, nil

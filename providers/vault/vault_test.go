@@ -11,6 +11,7 @@ import (
 
 	"github.com/hashicorp/vault/api"
 
+	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/testenv"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/providertest"
@@ -99,7 +100,7 @@ func TestMountPerTenant(t *testing.T) {
 	if sec.Data["type"] != "ecdsa-p256" || sec.Data["exportable"] != false {
 		t.Fatalf("key is %v exportable=%v, want ecdsa-p256 non-exportable", sec.Data["type"], sec.Data["exportable"])
 	}
-	if _, err := p.Generate(ctx, providers.KeySpec{Tenant: "acme/eu", KID: "chain-1-active", Alg: "ES256"}); providers.KindOf(err) != providers.KindConflict {
+	if _, err := p.Generate(ctx, providers.KeySpec{Tenant: "acme/eu", KID: "chain-1-active", Alg: "ES256"}); errs.KindOf(err) != errs.Conflict {
 		t.Fatalf("second Generate of the same key: %v, want KindConflict (never silently share a key)", err)
 	}
 	// Unmount behind the provider's back: Generate must recreate the mount after the 404.
@@ -174,8 +175,8 @@ func TestTokenExpiredOrRevoked(t *testing.T) {
 		t.Fatalf("health with an expired token: %+v", h)
 	}
 	_, err := pe.Generate(ctx, providers.KeySpec{Tenant: "t", KID: "k", Alg: "ES256"})
-	if providers.KindOf(err) != providers.KindForbidden || strings.Contains(err.Error(), short) {
-		t.Fatalf("generate with an expired token: %v (kind %v), want KindForbidden without the token", err, providers.KindOf(err))
+	if errs.KindOf(err) != errs.Forbidden || strings.Contains(err.Error(), short) {
+		t.Fatalf("generate with an expired token: %v (kind %v), want KindForbidden without the token", err, errs.KindOf(err))
 	}
 }
 
@@ -238,7 +239,7 @@ func TestConfig(t *testing.T) {
 	if h.OK || !strings.Contains(h.Error, "vault unreachable") || strings.Contains(h.Error, "secret-token-value") {
 		t.Fatalf("health of an unreachable vault: %+v", h)
 	}
-	if _, err := p.Import(context.Background(), providers.KeySpec{}, nil); providers.KindOf(err) != providers.KindNotSupported {
+	if _, err := p.Import(context.Background(), providers.KeySpec{}, nil); errs.KindOf(err) != errs.NotSupported {
 		t.Fatalf("Import: %v", err)
 	}
 }
@@ -271,7 +272,7 @@ func TestHealthSealed(t *testing.T) {
 	if h.OK || !strings.Contains(h.Error, "sealed") || !strings.Contains(h.Error, "503") {
 		t.Fatalf("health of a sealed vault: %+v", h)
 	}
-	if _, err := p.Generate(ctx, providers.KeySpec{Tenant: "t", KID: "k", Alg: "ES256"}); providers.KindOf(err) != providers.KindUnavailable {
-		t.Fatalf("generate on a sealed vault: %v (kind %v), want KindUnavailable", err, providers.KindOf(err))
+	if _, err := p.Generate(ctx, providers.KeySpec{Tenant: "t", KID: "k", Alg: "ES256"}); errs.KindOf(err) != errs.Unavailable {
+		t.Fatalf("generate on a sealed vault: %v (kind %v), want KindUnavailable", err, errs.KindOf(err))
 	}
 }

@@ -1,4 +1,4 @@
-package appliance_test
+package cli_test
 
 import (
 	"bytes"
@@ -19,9 +19,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kmsgate/kmsgate/appliance"
+	"github.com/kmsgate/kmsgate/appliance/cli"
 	"github.com/kmsgate/kmsgate/internal/apptest"
-	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 // TestHelperServe is not a test: it is the server process TestCrashKeepsAcknowledgedWrites starts
@@ -31,7 +31,7 @@ func TestHelperServe(t *testing.T) {
 	if dir == "" {
 		return
 	}
-	cmd := appliance.NewRootCmd(appliance.BuildInfo{Version: "crash-test"})
+	cmd := cli.NewRootCmd(cli.BuildInfo{Version: "crash-test"})
 	cmd.SetArgs([]string{"serve", "--data-dir", dir, "--config-dir", filepath.Join(dir, "cfg"), "--listen", addr,
 		"--log-level", "error"})
 	if err := cmd.Execute(); err != nil {

@@ -1,11 +1,11 @@
-package awskms
+package keyutil_test
 
 import (
 	"bytes"
 	"math/big"
 	"testing"
 
-	"github.com/kmsgate/kmsgate/providers/keyutil"
+	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
 // FuzzDERToRaw checks the strict DER parser the provider relies on for every KMS signature: it

@@ -1,4 +1,4 @@
-package appliance_test
+package cli_test
 
 import (
 	"bytes"
@@ -8,13 +8,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kmsgate/kmsgate/appliance"
+	"github.com/kmsgate/kmsgate/appliance/cli"
 	"github.com/kmsgate/kmsgate/internal/apptest"
 )
 
 func run(t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	cmd := appliance.NewRootCmd(appliance.BuildInfo{Version: "1.2.3", Commit: "abc"})
+	cmd := cli.NewRootCmd(cli.BuildInfo{Version: "1.2.3", Commit: "abc"})
 	var out bytes.Buffer
 	cmd.SetOut(&out)
 	cmd.SetErr(&out)

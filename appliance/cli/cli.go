@@ -1,4 +1,4 @@
-package appliance
+package cli
 
 import (
 	"bytes"
@@ -12,13 +12,13 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/kmsgate/kmsgate/appliance"
 	"github.com/kmsgate/kmsgate/appliance/config"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
@@ -86,7 +86,7 @@ func newVersionCmd(bi BuildInfo) *cobra.Command {
 }
 
 func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
-	o := Options{}
+	o := appliance.Options{}
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the signing gateway",
@@ -100,13 +100,13 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 			o.CredsDir = os.Getenv("CREDENTIALS_DIRECTORY")
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			a, err := Open(ctx, o)
+			a, err := appliance.Open(ctx, o)
 			if err != nil {
 				return err
 			}
 			defer a.Close()
 			if o.Dev {
-				if err := a.devBootstrap(ctx); err != nil {
+				if err := a.DevBootstrap(ctx); err != nil {
 					return err
 				}
 			}
@@ -128,36 +128,6 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.StringVar(&o.TLSClientCA, "tls-client-ca", os.Getenv("KMSGATE_TLS_CLIENT_CA"), "require client certificates signed by this PEM CA (mTLS; env KMSGATE_TLS_CLIENT_CA)")
 	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
 	return cmd
-}
-
-// devBootstrap creates the dev tenant once and prints its API key, which is kept in the data dir
-// so that every `make run` prints the same key.
-func (a *Appliance) devBootstrap(ctx context.Context) error {
-	keyFile := filepath.Join(a.opts.DataDir, "dev-api-key")
-	if _, err := a.tenants.Tenant(ctx, "dev"); errors.Is(err, tenants.ErrTenantNotFound) {
-		res, err := a.tenants.CreateTenant(ctx, tenants.CreateTenantRequest{ID: "dev", Name: "Development Tenant",
-			Roles: []string{tenants.RoleManage, tenants.RoleSign, tenants.RoleExport}})
-		if err != nil {
-			return fmt.Errorf("create dev tenant: %w", err)
-		}
-		if err := os.WriteFile(keyFile, []byte(res.APIKey+"\n"), 0o600); err != nil {
-			return fmt.Errorf("write dev api key: %w", err)
-		}
-		if a.onTenantCreated != nil {
-			if err := a.onTenantCreated(ctx, "dev"); err != nil {
-				a.log.Error("dev tenant bootstrap failed", "err", err)
-			}
-		}
-	} else if err != nil {
-		return err
-	}
-	key, err := os.ReadFile(keyFile)
-	if err != nil {
-		return fmt.Errorf("dev tenant exists but %s is unreadable: %w", keyFile, err)
-	}
-	fmt.Fprintf(a.opts.Out, "\n*** kmsgate DEVELOPMENT MODE ***\n  tenant:  dev\n  API key: %s  (also in %s)\n  listen:  http://%s\n\n",
-		strings.TrimSpace(string(key)), keyFile, a.opts.Listen)
-	return nil
 }
 
 func newConfigCmd(loadKMS func() (*config.KMS, error)) *cobra.Command {
@@ -229,7 +199,7 @@ func (c *adminClient) do(method, path string, body, out any) error {
 
 // withOffline opens the store directly when no server is running on this data dir.
 func withOffline(g *globalFlags, fn func(ctx context.Context, ts *tenants.Service) error) error {
-	st, err := store.Open(DBDir(g.dataDir), store.Options{Logger: g.logger(io.Discard)})
+	st, err := store.Open(appliance.DBDir(g.dataDir), store.Options{Logger: g.logger(io.Discard)})
 	if errors.Is(err, store.ErrLocked) {
 		return fmt.Errorf("%w, but its admin socket is not reachable: pass --data-dir of the running server "+
 			"or check the socket's permissions", err)
@@ -256,7 +226,7 @@ func newTenantCmd(g *globalFlags) *cobra.Command {
 	var socket string
 	c := &cobra.Command{Use: "tenant", Short: "Manage tenants and their API keys (through the running server's admin socket, or directly on a stopped data dir)"}
 	c.PersistentFlags().StringVar(&socket, "admin-socket", os.Getenv("KMSGATE_ADMIN_SOCKET"), "admin socket (default <data-dir>/admin.sock)")
-	sock := func() string { return Options{DataDir: g.dataDir, AdminSocket: socket}.SocketPath() }
+	sock := func() string { return appliance.Options{DataDir: g.dataDir, AdminSocket: socket}.SocketPath() }
 
 	var name, roles, allowed, defProv string
 	create := &cobra.Command{Use: "create ID", Short: "Create a tenant and print its API key (shown once)", Args: cobra.ExactArgs(1),

@@ -1,26 +1,27 @@
-package metrics
+package pkcs11
 
 import (
-	"github.com/kmsgate/kmsgate/hsm"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kmsgate/kmsgate/hsm"
 )
 
-// PKCS11Collector exports the session-pool and error counters of every pkcs11 provider. It
+// Collector exports the session-pool and error counters of every pkcs11 provider. It
 // reads hsm.Stats snapshots only, so a scrape never makes a PKCS#11 call and never waits on a
 // busy or failing token.
-type PKCS11Collector struct {
+type Collector struct {
 	stats func() map[string]hsm.Stats
 
 	sessions, waits, waitSeconds, exhausted, opened, logins, searches, rebuilds, up, errors *prometheus.Desc
 }
 
-// NewPKCS11Collector builds the collector. stats returns a snapshot per provider id; its keys
+// NewCollector builds the collector. stats returns a snapshot per provider id; its keys
 // are the configured pkcs11 provider ids (a closed set), so the provider label stays bounded.
-func NewPKCS11Collector(stats func() map[string]hsm.Stats) *PKCS11Collector {
+func NewCollector(stats func() map[string]hsm.Stats) *Collector {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc("kmsgate_pkcs11_"+name, help, append([]string{"provider"}, labels...), nil)
 	}
-	return &PKCS11Collector{stats: stats,
+	return &Collector{stats: stats,
 		sessions:    d("pool_sessions", "PKCS#11 pool sessions by state (capacity, in_use, idle).", "state"),
 		waits:       d("session_waits_total", "Session checkouts that had to wait for a free session."),
 		waitSeconds: d("session_wait_seconds_total", "Total time spent waiting for a free session."),
@@ -35,7 +36,7 @@ func NewPKCS11Collector(stats func() map[string]hsm.Stats) *PKCS11Collector {
 }
 
 // Describe implements prometheus.Collector.
-func (c *PKCS11Collector) Describe(ch chan<- *prometheus.Desc) {
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.sessions, c.waits, c.waitSeconds, c.exhausted, c.opened, c.logins,
 		c.searches, c.rebuilds, c.up, c.errors} {
 		ch <- d
@@ -43,7 +44,7 @@ func (c *PKCS11Collector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 // Collect implements prometheus.Collector.
-func (c *PKCS11Collector) Collect(ch chan<- prometheus.Metric) {
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	names := hsm.CKRNames()
 	for id, s := range c.stats() {
 		g := func(d *prometheus.Desc, v float64, l ...string) {
