@@ -10,6 +10,8 @@ import (
 	"crypto/ecdsa"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,6 +34,8 @@ import (
 const (
 	maxBody       = 1 << 20
 	maxErrExcerpt = 200
+	// remoteNamePrefix marks the tenant-scoped names this provider gives keys on the remote.
+	remoteNamePrefix = "t-"
 	// ExtensionDigest is the health-response extension that lets SignDigest send a digest.
 	ExtensionDigest = "digest"
 )
@@ -70,7 +74,12 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	if s.tls != nil {
 		tr.TLSClientConfig = s.tls
 	}
-	p := &Provider{id: cfg.ID, desc: cfg.Description, s: s, client: &http.Client{Transport: tr},
+	// A redirect would re-send the credential header and the body (a private JWK on import) to a
+	// host nobody configured: the first response is final, and a 3xx is an error (remote_redirect).
+	client := &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error {
+		return http.ErrUseLastResponse
+	}}
+	p := &Provider{id: cfg.ID, desc: cfg.Description, s: s, client: client,
 		log: logger.With("provider", cfg.ID, "type", providers.TypeHTTP), cache: jwkcache.New(),
 		retryBackoff: []time.Duration{100 * time.Millisecond, 300 * time.Millisecond}}
 	if s.oauth != nil {
@@ -101,6 +110,25 @@ func (p *Provider) fail(kind errs.Kind, op, msg string, cause error) *errs.Error
 	return &errs.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
 }
 
+// RemoteName is the name a tenant's key gets on the remote KMS. The remote contract has no
+// tenant, so the raw kid would put every tenant in one namespace (one tenant could then detect,
+// overwrite or delete another's key, and key-chain kids are public in JWS headers). The name is a
+// hash of the length-prefixed tenant and the kid: it cannot collide across tenants, reveals
+// neither to the remote, and is plain ASCII that any remote accepts as a kid. It is deterministic,
+// so a forced re-import of the same tenant and kid overwrites in place, as the contract expects.
+func RemoteName(tenant, kid string) string {
+	h := sha256.New()
+	var n [8]byte
+	binary.BigEndian.PutUint64(n[:], uint64(len(tenant)))
+	h.Write(n[:])
+	h.Write([]byte(tenant))
+	h.Write([]byte(kid))
+	sum := h.Sum(nil)
+	return remoteNamePrefix + hex.EncodeToString(sum[:20])
+}
+
+// remoteID is the remote name of a stored key. Keys created before names were tenant-scoped
+// carry the raw kid as ExternalID, or none at all: they keep that name.
 func remoteID(ref providers.KeyRef) string {
 	if ref.ExternalID != "" {
 		return ref.ExternalID
@@ -145,7 +173,8 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if spec.KID == "" {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid is required", nil)
 	}
-	body, err := p.call(ctx, op, http.MethodPost, p.s.keysURL, map[string]string{"kid": spec.KID, "alg": providers.ES256}, false)
+	name := RemoteName(spec.Tenant, spec.KID)
+	body, err := p.call(ctx, op, http.MethodPost, p.s.keysURL, map[string]string{"kid": name, "alg": providers.ES256}, false)
 	if err != nil {
 		return providers.KeyRef{}, err
 	}
@@ -153,9 +182,9 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if err != nil {
 		return providers.KeyRef{}, err
 	}
-	p.cache.Put(spec.KID, pub)
+	p.cache.Put(name, pub)
 	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
-		ExternalID: spec.KID, Public: pub}, nil
+		ExternalID: name, Public: pub}, nil
 }
 
 // Import is never retried (same reason as Generate) and checks the remote kept the key it got.
@@ -171,11 +200,12 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 	if spec.KID == "" || priv == nil {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid and private key are required", nil)
 	}
-	jwk, err := keyutil.PrivateJWK(priv, spec.KID, providers.ES256)
+	name := RemoteName(spec.Tenant, spec.KID)
+	jwk, err := keyutil.PrivateJWK(priv, name, providers.ES256)
 	if err != nil {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "private key is not P-256", err)
 	}
-	body, err := p.call(ctx, op, http.MethodPost, p.keyURL(spec.KID, "/import"),
+	body, err := p.call(ctx, op, http.MethodPost, p.keyURL(name, "/import"),
 		map[string]any{"privateJwk": jwk, "alg": providers.ES256}, false)
 	if err != nil {
 		return providers.KeyRef{}, err
@@ -187,9 +217,9 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 	if !keyutil.SameKey(pub, &priv.PublicKey) {
 		return providers.KeyRef{}, p.fail(errs.Internal, op, "remote answered import with a different public key", nil)
 	}
-	p.cache.Put(spec.KID, pub)
+	p.cache.Put(name, pub)
 	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
-		ExternalID: spec.KID, Public: pub}, nil
+		ExternalID: name, Public: pub}, nil
 }
 
 // Delete treats 404 as success: the key is gone either way.
@@ -295,11 +325,8 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 	body, err := p.call(ctx, "health", http.MethodGet, p.s.healthURL, nil, true)
 	h := providers.Health{LatencyMs: time.Since(start).Milliseconds()}
 	if err != nil {
+		// Health results are shown to tenants: the safe message only; call logged the details.
 		h.Error = errs.PublicMessage(err)
-		var pe *errs.Error
-		if errors.As(err, &pe) && pe.Err != nil && pe.Kind == errs.Unavailable {
-			h.Error += ": " + pe.Err.Error()
-		}
 		return h
 	}
 	var r struct {
@@ -351,7 +378,7 @@ func (p *Provider) call(ctx context.Context, op, method, target string, reqBody 
 			status == http.StatusGatewayTimeout
 		if transient && retryable && attempt < len(p.retryBackoff) && ctx.Err() == nil {
 			if errors.Is(err, errTokenEndpoint) {
-				return nil, p.fail(errs.Unavailable, op, "could not obtain an OAuth2 access token", err)
+				return nil, p.transportError(op, err)
 			}
 			select {
 			case <-ctx.Done():
@@ -360,10 +387,7 @@ func (p *Provider) call(ctx context.Context, op, method, target string, reqBody 
 			continue
 		}
 		if err != nil {
-			if errors.Is(err, errTokenEndpoint) {
-				return nil, p.fail(errs.Unavailable, op, "could not obtain an OAuth2 access token", err)
-			}
-			return nil, p.fail(errs.Unavailable, op, "remote KMS unreachable", err)
+			return nil, p.transportError(op, err)
 		}
 		if status >= 200 && status < 300 {
 			return body, nil
@@ -373,6 +397,17 @@ func (p *Provider) call(ctx context.Context, op, method, target string, reqBody 
 }
 
 var errTokenEndpoint = errors.New("oauth2 token endpoint")
+
+// transportError classifies a call that got no HTTP answer. The cause (a *url.Error naming the
+// remote's URL and address, or the token endpoint's status) is logged and kept as the wrapped
+// cause for logs; the caller-safe message names neither.
+func (p *Provider) transportError(op string, err error) error {
+	p.log.Warn("remote KMS call failed", "op", op, "error", err)
+	if errors.Is(err, errTokenEndpoint) {
+		return p.fail(errs.Unavailable, op, "could not obtain an OAuth2 access token", err).WithCode("remote_auth_failed")
+	}
+	return p.fail(errs.Unavailable, op, "remote KMS unreachable", err).WithCode("remote_unreachable")
+}
 
 func (p *Provider) once(ctx context.Context, method, target string, payload []byte) (int, http.Header, []byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.s.timeout)
@@ -412,39 +447,54 @@ func (p *Provider) once(ctx context.Context, method, target string, payload []by
 	return resp.StatusCode, resp.Header, body, nil
 }
 
+// statusError classifies a non-2xx answer. The remote's own text (a 409 naming a key, a 500 with
+// internals) is logged for the operator and never put in the error: the caller gets a stable code
+// and a fixed message that says only what the status means.
 func (p *Provider) statusError(op string, status int, hdr http.Header, body []byte) error {
-	msg := fmt.Sprintf("remote KMS answered %d", status)
-	if ex := excerpt(body); ex != "" {
-		msg += ": " + ex
-	}
-	kind := errs.Internal
+	var e *errs.Error
 	switch {
-	case status == http.StatusNotFound && op == "import",
-		(status == http.StatusMethodNotAllowed || status == http.StatusNotImplemented) && op == "import":
-		kind = errs.NotSupported
+	case status >= 300 && status < 400:
+		e = p.fail(errs.Unavailable, op, fmt.Sprintf("remote KMS answered %d with a redirect, which is refused", status), nil).
+			WithCode("remote_redirect")
+	case (status == http.StatusNotFound || status == http.StatusMethodNotAllowed || status == http.StatusNotImplemented) &&
+		op == "import":
+		e = p.fail(errs.NotSupported, op, "the remote KMS does not support import", nil).WithCode("remote_import_not_supported")
 	case status == http.StatusNotFound:
-		kind = errs.NotFound
+		e = p.fail(errs.NotFound, op, "the key does not exist on the remote KMS", nil).WithCode("remote_key_not_found")
 	case status == http.StatusConflict:
-		kind = errs.Conflict
+		e = p.fail(errs.Conflict, op, "the remote KMS already holds a key under this name", nil).WithCode("remote_conflict")
 	case status == http.StatusBadRequest || status == http.StatusUnprocessableEntity:
-		kind = errs.BadInput
+		e = p.fail(errs.BadInput, op, fmt.Sprintf("remote KMS rejected the request (%d)", status), nil).
+			WithCode("remote_rejected")
 	case status == http.StatusUnauthorized || status == http.StatusForbidden:
-		kind = errs.Forbidden
-		msg += " (check the provider's credentials)"
+		e = p.fail(errs.Forbidden, op, fmt.Sprintf("remote KMS refused the provider's credentials (%d)", status), nil).
+			WithCode("remote_auth_failed")
 	case status == http.StatusTooManyRequests:
-		e := p.fail(errs.Throttled, op, msg, nil)
+		e = p.fail(errs.Throttled, op, "remote KMS is throttling requests", nil).WithCode("remote_throttled")
 		e.RetryAfter = retryAfter(hdr, time.Second)
-		return e
 	case status == http.StatusServiceUnavailable || status == http.StatusBadGateway || status == http.StatusGatewayTimeout:
-		e := p.fail(errs.Unavailable, op, msg, nil)
+		e = p.fail(errs.Unavailable, op, fmt.Sprintf("remote KMS unavailable (%d)", status), nil).WithCode("remote_unavailable")
 		e.RetryAfter = retryAfter(hdr, 0)
-		return e
+	default:
+		e = p.fail(errs.Internal, op, fmt.Sprintf("remote KMS answered %d", status), nil).WithCode("remote_error")
 	}
-	return p.fail(kind, op, msg, nil)
+	level := slog.LevelWarn
+	if e.Kind == errs.NotFound || e.Kind == errs.Conflict {
+		level = slog.LevelInfo // routine: a delete of a gone key, a duplicate kid
+	}
+	attrs := []any{"op", op, "remote_status", status, "code", e.Code}
+	if ex := excerpt(body); ex != "" {
+		attrs = append(attrs, "remote_error", ex)
+	}
+	if loc := hdr.Get("Location"); loc != "" && e.Code == "remote_redirect" {
+		attrs = append(attrs, "location", excerpt([]byte(loc)))
+	}
+	p.log.Log(context.Background(), level, "remote KMS answered with an error", attrs...)
+	return e
 }
 
 // excerpt returns the remote's {"error": "..."} message or the start of the body, truncated so a
-// large or hostile body never ends up whole in logs and API errors.
+// large or hostile body never ends up whole in the logs (the only place it goes).
 func excerpt(body []byte) string {
 	var e struct {
 		Error string `json:"error"`
