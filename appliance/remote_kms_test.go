@@ -24,6 +24,7 @@ import (
 	"github.com/kmsgate/kmsgate/internal/apptest"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/internal/testenv"
+	"github.com/kmsgate/kmsgate/providers/httpkms"
 )
 
 // TestChainedGateways puts kmsgate A's http provider in front of kmsgate B's remote-KMS contract
@@ -120,8 +121,12 @@ func chainedGateways(t *testing.T, mtls bool) {
 		t.Fatalf("JWS signature invalid: %v", err)
 	}
 
-	// The signing key lives behind B (tenant gateway-a), on the HSM provider.
-	st, body = b.Do("GET", "/keys/"+res.Kid, bKey, nil)
+	// The signing key lives behind B (tenant gateway-a), on the HSM provider, under a name scoped
+	// to A's tenant: A's own kid means nothing on B.
+	if st, _ := b.Do("GET", "/keys/"+res.Kid, bKey, nil); st != 404 {
+		t.Fatalf("B holds a key under A's raw kid %q: %d", res.Kid, st)
+	}
+	st, body = b.Do("GET", "/keys/"+httpkms.RemoteName("issuer", res.Kid), bKey, nil)
 	var bk struct {
 		PublicJWK   keyutil.JWK `json:"publicJwk"`
 		KMSProvider string      `json:"kmsProvider"`
@@ -130,6 +135,31 @@ func chainedGateways(t *testing.T, mtls bool) {
 	pub, err := keyutil.ParsePublicJWK(bk.PublicJWK)
 	if st != 200 || err != nil || bk.KMSProvider != "hsm" || !pub.Equal(leaf.PublicKey.(*ecdsa.PublicKey)) {
 		t.Fatalf("B does not hold the leaf key on its HSM provider: %d %s", st, body)
+	}
+
+	// Two tenants of A pick the same kid on the one remote: both succeed with distinct keys, and
+	// one deleting its kid leaves the other's key signing.
+	otherKey := a.CreateTenant("other")
+	pubs := map[string]string{}
+	for tenant, key := range map[string]string{"issuer": aKey, "other": otherKey} {
+		st, body := a.Do("POST", "/keys", key, map[string]any{"kid": "shared-kid", "kmsProvider": "remote"})
+		var k struct {
+			PublicJWK keyutil.JWK `json:"publicJwk"`
+		}
+		apptest.JSON(t, body, &k)
+		if st != 200 || k.PublicJWK.X == "" {
+			t.Fatalf("tenant %s generating kid shared-kid on the remote: %d %s", tenant, st, body)
+		}
+		pubs[tenant] = k.PublicJWK.X
+	}
+	if pubs["issuer"] == pubs["other"] {
+		t.Fatal("two tenants of A got the same remote key for the same kid")
+	}
+	if st, body := a.Do("DELETE", "/keys/shared-kid", otherKey, nil); st/100 != 2 {
+		t.Fatalf("tenant other deleting its kid: %d %s", st, body)
+	}
+	if st, body := a.Do("POST", "/keys/shared-kid/sign", aKey, map[string]string{"data": "bQ=="}); st != 200 {
+		t.Fatalf("tenant issuer's key after the other tenant deleted the same kid: %d %s", st, body)
 	}
 }
 
