@@ -20,7 +20,9 @@ const (
 	DefaultMaxEntries = 10000
 )
 
-// Cache maps an external key id to its public key. The zero value is not usable; use New.
+// Cache maps an external key id to its public key. One cache serves every tenant of a provider,
+// so the key must be the backend's own name for the key, which the provider has already scoped by
+// tenant (never a tenant's raw kid). The zero value is not usable; use New.
 type Cache struct {
 	ttl time.Duration
 	max int

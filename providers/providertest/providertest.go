@@ -31,8 +31,8 @@ type Harness struct {
 	// MissingRef builds a reference to a key that never existed, in the provider's own id format
 	// (an AWS KeyId must look like a UUID). Default: spec fields with an empty ExternalID.
 	MissingRef func(spec providers.KeySpec) providers.KeyRef
-	// TenantScoped says the provider keeps the same kid of two tenants apart (vault, aws-kms,
-	// pkcs11, db). The http contract has no tenant, so it leaves this false.
+	// TenantScoped says the provider keeps the same kid of two tenants apart (every provider
+	// today: vault, aws-kms, pkcs11, db, and http through tenant-scoped remote names).
 	TenantScoped bool
 	// StopBackend stops the backend for the health-down check; StartBackend (optional) restarts
 	// it, after which health must recover. Both nil: the down check is skipped.
