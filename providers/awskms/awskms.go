@@ -341,7 +341,10 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 	_, err := p.api.ListKeys(ctx, &kms.ListKeysInput{Limit: aws.Int32(1)}, func(o *kms.Options) { o.RetryMaxAttempts = 1 })
 	h := providers.Health{OK: err == nil, LatencyMs: time.Since(start).Milliseconds()}
 	if err != nil {
-		h.Error = p.classify("health", err).Error()
+		// The SDK error names the endpoint and request: log it, answer with the safe message.
+		ce := p.classify("health", err)
+		p.log.Warn("aws-kms health probe failed", "provider", p.id, "error", ce)
+		h.Error = errs.PublicMessage(ce)
 	}
 	return h
 }

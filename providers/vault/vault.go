@@ -490,7 +490,10 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 	}
 	if status < 200 || status > 299 {
 		if status == 0 {
-			h.Error = "vault unreachable: " + errString(err)
+			// The network error names Vault's address: it goes to the log, the health answer only
+			// says what is wrong.
+			p.log.Warn("vault health probe failed", "provider", p.id, "error", errString(err))
+			h.Error = "vault unreachable"
 		} else {
 			h.Error = fmt.Sprintf("vault is not serving requests: %s (sys/health answered %d)", healthState(status), status)
 		}
@@ -502,9 +505,11 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 	}
 	if _, err := p.client.Auth().Token().LookupSelfWithContext(ctx); err != nil {
 		if s, msg := statusOf(err); s == http.StatusForbidden || s == http.StatusUnauthorized {
-			h.Error = "vault token expired or revoked: " + msg
+			p.log.Warn("vault token lookup refused", "provider", p.id, "error", msg)
+			h.Error = "vault token expired or revoked"
 		} else {
-			h.Error = "vault token lookup failed: " + errString(err)
+			p.log.Warn("vault token lookup failed", "provider", p.id, "error", errString(err))
+			h.Error = "vault token lookup failed"
 		}
 		return h
 	}
