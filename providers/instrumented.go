@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/kmsgate/kmsgate/internal/errs"
 )
 
@@ -72,6 +74,11 @@ type (
 	// PrivateExporter hands out a key's private half (only providers whose keys kmsgate holds).
 	PrivateExporter interface {
 		ExportPrivate(ref KeyRef) (*ecdsa.PrivateKey, error)
+	}
+	// MetricsCollector is implemented by providers that export collectors of their own (aws-kms
+	// throttling counters); the appliance registers them.
+	MetricsCollector interface {
+		prometheus.Collector
 	}
 	// Unwrapper is implemented by decorators: Unwrap returns the provider they wrap.
 	Unwrapper interface {
@@ -164,43 +171,46 @@ func (d *instrumented) PublicKey(ctx context.Context, ref KeyRef) (*ecdsa.Public
 func (d *instrumented) SignMessage(ctx context.Context, ref KeyRef, alg string, msg []byte) ([]byte, error) {
 	start := time.Now()
 	alg = resolveAlg(alg)
-	err := d.checkAlg("sign", alg)
-	var sig []byte
-	if err == nil {
-		sig, err = d.p.SignMessage(ctx, ref, alg, msg)
+	if err := d.checkAlg("sign", alg); err != nil {
+		return d.signed(alg, start, nil, err, false)
 	}
-	return d.signed(alg, start, sig, err)
+	sig, err := d.p.SignMessage(ctx, ref, alg, msg)
+	return d.signed(alg, start, sig, err, true)
 }
 
 func (d *instrumented) SignDigest(ctx context.Context, ref KeyRef, alg string, digest []byte) ([]byte, error) {
 	start := time.Now()
 	alg = resolveAlg(alg)
-	err := d.checkAlg("sign", alg)
-	var sig []byte
-	switch {
-	case err != nil:
-	case len(digest) != DigestSize:
-		err = errs.Errorf(errs.BadInput, "digest must be %d bytes for %s, got %d", DigestSize, alg, len(digest)).
-			WithCode("invalid_digest")
-	case !d.p.Capabilities().CanSignDigest:
-		err = errs.Errorf(errs.NotSupported, "provider %s signs whole messages only; send data instead of digest", d.id).
-			WithCode("digest_not_supported")
-	default:
-		sig, err = d.p.SignDigest(ctx, ref, alg, digest)
+	if err := d.checkAlg("sign", alg); err != nil {
+		return d.signed(alg, start, nil, err, false)
 	}
-	return d.signed(alg, start, sig, err)
+	if len(digest) != DigestSize {
+		err := errs.Errorf(errs.BadInput, "digest must be %d bytes for %s, got %d", DigestSize, alg, len(digest)).
+			WithCode("invalid_digest")
+		err.Provider = d.id
+		return d.signed(alg, start, nil, err, false)
+	}
+	sig, err := d.p.SignDigest(ctx, ref, alg, digest)
+	return d.signed(alg, start, sig, err, true)
 }
 
-// signed finishes a signature: it checks the shape, stamps the error and records the metrics.
-func (d *instrumented) signed(alg string, start time.Time, sig []byte, err error) ([]byte, error) {
+// signed finishes a signature: it checks the shape, stamps the provider's error and records the
+// metrics. The decorator's own refusals (fromProvider false) are already complete.
+func (d *instrumented) signed(alg string, start time.Time, sig []byte, err error, fromProvider bool) ([]byte, error) {
 	if err == nil && len(sig) != sigSize {
 		// Never hand a caller a signature of the wrong shape: a wrong length corrupts a JWS.
 		sig, err = nil, &errs.Error{Kind: errs.Internal, Provider: d.id, Op: "sign",
 			Msg: fmt.Sprintf("provider returned a %d-byte signature instead of %d", len(sig), sigSize)}
 	}
-	err = d.stamp("sign", err)
+	if fromProvider {
+		err = d.stamp("sign", err)
+	}
 	if err != nil && errs.KindOf(err) == errs.Throttled {
 		d.obs.Throttled()
+	}
+	if alg != ES256 {
+		// A refused algorithm comes from the caller: never let it grow the label set.
+		alg = "unsupported"
 	}
 	d.obs.ObserveSign(alg, ResultOf(err), time.Since(start))
 	return sig, err

@@ -18,6 +18,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/kmsgate/kmsgate/appliance/keys"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/internal/errs"
@@ -40,18 +41,39 @@ var idRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 // and the fallback for bootstrap when the default provider cannot create keys.
 const dbProviderID = "db"
 
-// Exporter is implemented by providers that can hand out a key's private half (only db).
-type Exporter interface {
-	ExportPrivate(ref providers.KeyRef) (*ecdsa.PrivateKey, error)
+// Store is what the service needs from the record store.
+type Store interface {
+	Get(ctx context.Context, key string, v any) error
+	Put(ctx context.Context, key string, v any) error
+	Create(ctx context.Context, key string, v any) error
+	Delete(ctx context.Context, key string) error
+	List(ctx context.Context, prefix string, fn func(key string, val []byte) error) error
+}
+
+// Registry is what the service needs from the provider registry.
+type Registry interface {
+	Get(id string) (providers.Provider, error)
+	All() []providers.Provider
+	DefaultID() string
+}
+
+// Tenants is what the service needs from the tenant service.
+type Tenants interface {
+	Tenant(ctx context.Context, id string) (*store.Tenant, error)
+	EnsureTenant(ctx context.Context, id, name string) (created bool, err error)
+	ProviderFor(ctx context.Context, p *tenants.Principal, requested string, reg tenants.ProviderSource) (providers.Provider, error)
 }
 
 // Config wires the service.
 type Config struct {
-	Store    *store.Store
-	Registry *providers.Registry
-	Tenants  *tenants.Service
+	Store    Store
+	Registry Registry
+	Tenants  Tenants
 	Metrics  *metrics.Metrics // optional
 	Logger   *slog.Logger
+	// Lifecycle creates, deletes and signs with keys (default: a lifecycle of its own); the
+	// contract face's key service shares its lifecycle.
+	Lifecycle *keys.Lifecycle
 	// PublicURL's host becomes the certificates' dNSName SAN.
 	PublicURL string
 	// Country is the C= of certificate subjects (default DE).
@@ -65,9 +87,10 @@ type Config struct {
 // Service manages key chains. It is safe for concurrent use; mutations of one chain are
 // serialised in-process (Badger's directory lock guarantees a single process per data dir).
 type Service struct {
-	st    *store.Store
-	reg   *providers.Registry
-	ten   *tenants.Service
+	st    Store
+	reg   Registry
+	ten   Tenants
+	lc    *keys.Lifecycle
 	m     *metrics.Metrics
 	log   *slog.Logger
 	prof  certProfile
@@ -91,6 +114,10 @@ func New(c Config) *Service {
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
+	}
+	s.lc = c.Lifecycle
+	if s.lc == nil {
+		s.lc = keys.NewLifecycle(s.log)
 	}
 	return s
 }
@@ -217,48 +244,22 @@ func (p *PolicyInput) apply(dst *Policy) {
 
 // ---- key bookkeeping ----
 
-// keyset tracks keys created during one operation so a failure can delete them again: a failed
-// create, import or rotation must not leak keys in the backend.
-type keyset struct {
-	s    *Service
-	prov providers.Provider
-	refs []providers.KeyRef
-}
-
-func (k *keyset) add(ref providers.KeyRef) { k.refs = append(k.refs, ref) }
-
-func (k *keyset) rollback() {
-	// Detached from the request context: a cancelled request must still clean up.
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	for _, r := range k.refs {
-		if err := k.prov.Delete(ctx, r); err != nil && !errors.Is(err, errs.NotFound) {
-			k.s.log.Warn("key chain: could not delete a key after a failed operation", "provider", r.ProviderID,
-				"kid", r.KID, "err", err)
-		}
-	}
-}
-
-func (s *Service) deleteKey(ctx context.Context, tenant string, k StoredKey) error {
+func (s *Service) deleteKey(ctx context.Context, tenant string, k store.KeyRef) error {
 	prov, err := s.reg.Get(k.ProviderID)
 	if err != nil {
 		return fmt.Errorf("provider of key %s: %w", k.KID, err)
 	}
-	if !prov.Capabilities().CanDelete {
-		s.log.Info("key chain: provider cannot delete keys; key left in the backend", "provider", k.ProviderID, "kid", k.KID)
-		return nil
-	}
-	ref, err := k.ref(tenant)
+	ref, err := keys.ProviderRef(k, tenant)
 	if err != nil {
 		return err
 	}
-	if err := prov.Delete(ctx, ref); err != nil && !errors.Is(err, errs.NotFound) {
+	if err := s.lc.Delete(ctx, prov, ref); err != nil {
 		return fmt.Errorf("delete key %s: %w", k.KID, err)
 	}
 	return nil
 }
 
-func sameKey(a, b StoredKey) bool {
+func sameKey(a, b store.KeyRef) bool {
 	return a.ProviderID == b.ProviderID && a.KID == b.KID && a.ExternalID == b.ExternalID
 }
 
@@ -315,20 +316,25 @@ func (s *Service) create(ctx context.Context, tenant string, prov providers.Prov
 	now := s.now()
 	c := &Chain{ID: uuid.NewString(), Tenant: tenant, Description: desc, UsageType: usage, Usage: KeyUseSign,
 		Provider: prov.ID(), Rotation: pol, CreatedAt: now, UpdatedAt: now}
-	ks := &keyset{s: s, prov: prov}
+	ks := s.lc.Begin()
 	if err := s.generateChain(ctx, c, prov, typ, name, ks); err != nil {
-		ks.rollback()
+		ks.Rollback()
 		return "", err
 	}
-	if err := s.st.Create(ctx, chainKey(tenant, c.ID), c); err != nil {
-		ks.rollback()
-		return "", fmt.Errorf("store key chain: %w", err)
+	err = ks.Commit(func() error {
+		if err := s.st.Create(ctx, chainKey(tenant, c.ID), c); err != nil {
+			return fmt.Errorf("store key chain: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
 	}
 	return c.ID, nil
 }
 
 // generateChain fills c with freshly generated keys and certificates.
-func (s *Service) generateChain(ctx context.Context, c *Chain, prov providers.Provider, typ, name string, ks *keyset) error {
+func (s *Service) generateChain(ctx context.Context, c *Chain, prov providers.Provider, typ, name string, ks *keys.Batch) error {
 	if c.UsageType == UsageEncrypt {
 		// The encrypt chain is an ECDH key: no certificate, never signs (EUDIPLO usage=encrypt).
 		c.Usage = KeyUseEncrypt
@@ -347,7 +353,7 @@ func (s *Service) generateChain(ctx context.Context, c *Chain, prov providers.Pr
 		if err != nil {
 			return err
 		}
-		rootSigner := signer{prov: prov, ref: rref}
+		rootSigner := s.signerOf(prov, rref)
 		root, err := s.prof.issue(ctx, certSpec{commonName: name + " Root CA", ca: true, days: RootValidityDays,
 			subjectPub: rref.Public, now: s.now()}, rootSigner)
 		if err != nil {
@@ -361,7 +367,7 @@ func (s *Service) generateChain(ctx context.Context, c *Chain, prov providers.Pr
 		return err
 	}
 	if issuer == nil {
-		issuerSigner = signer{prov: prov, ref: aref}
+		issuerSigner = s.signerOf(prov, aref)
 	}
 	leaf, err := s.prof.issue(ctx, certSpec{commonName: name, days: c.certValidityDays(), subjectPub: aref.Public,
 		issuer: issuer, now: s.now()}, issuerSigner)
@@ -372,22 +378,20 @@ func (s *Service) generateChain(ctx context.Context, c *Chain, prov providers.Pr
 	return nil
 }
 
-func (s *Service) newKey(ctx context.Context, c *Chain, prov providers.Provider, kid string, ks *keyset) (StoredKey, providers.KeyRef, error) {
-	ref, err := prov.Generate(ctx, providers.KeySpec{Tenant: c.Tenant, KID: kid, Alg: providers.ES256})
+func (s *Service) newKey(ctx context.Context, c *Chain, prov providers.Provider, kid string, ks *keys.Batch) (store.KeyRef, providers.KeyRef, error) {
+	ref, err := ks.Generate(ctx, prov, providers.KeySpec{Tenant: c.Tenant, KID: kid, Alg: providers.ES256})
 	if err != nil {
-		return StoredKey{}, ref, fmt.Errorf("generate key %s: %w", kid, err)
+		return store.KeyRef{}, ref, fmt.Errorf("generate key %s: %w", kid, err)
 	}
-	ks.add(ref)
 	k, err := storedKey(ref, jwkAlg(c.UsageType))
 	return k, ref, err
 }
 
-func (s *Service) importKey(ctx context.Context, c *Chain, prov providers.Provider, kid string, priv *ecdsa.PrivateKey, ks *keyset) (StoredKey, providers.KeyRef, error) {
-	ref, err := prov.Import(ctx, providers.KeySpec{Tenant: c.Tenant, KID: kid, Alg: providers.ES256}, priv)
+func (s *Service) importKey(ctx context.Context, c *Chain, prov providers.Provider, kid string, priv *ecdsa.PrivateKey, ks *keys.Batch) (store.KeyRef, providers.KeyRef, error) {
+	ref, err := ks.Import(ctx, prov, providers.KeySpec{Tenant: c.Tenant, KID: kid, Alg: providers.ES256}, priv)
 	if err != nil {
-		return StoredKey{}, ref, fmt.Errorf("import key %s: %w", kid, err)
+		return store.KeyRef{}, ref, fmt.Errorf("import key %s: %w", kid, err)
 	}
-	ks.add(ref)
 	k, err := storedKey(ref, jwkAlg(c.UsageType))
 	return k, ref, err
 }
@@ -423,7 +427,7 @@ func (s *Service) List(ctx context.Context, tenant, usageType string) ([]Respons
 	return out, nil
 }
 
-func pubInfo(k StoredKey) PublicKeyInfo {
+func pubInfo(k store.KeyRef) PublicKeyInfo {
 	return PublicKeyInfo{Kty: k.PublicJWK.Kty, Alg: k.PublicJWK.Alg, Kid: k.KID, Crv: k.PublicJWK.Crv}
 }
 
@@ -482,7 +486,7 @@ func (s *Service) Update(ctx context.Context, tenant, id string, req UpdateReque
 		if err != nil {
 			return err
 		}
-		pub, err := c.Active.public()
+		pub, err := publicOf(c.Active)
 		if err != nil {
 			return err
 		}
@@ -612,17 +616,17 @@ func (s *Service) rotateLocked(ctx context.Context, c *Chain) error {
 	}
 	now := s.now()
 	kid := s.rotationKID(c, now)
-	ks := &keyset{s: s, prov: prov}
+	ks := s.lc.Begin()
 	nk, nref, err := s.newKey(ctx, c, prov, kid, ks)
 	if err != nil {
-		ks.rollback()
+		ks.Rollback()
 		return err
 	}
 	certPEM := ""
 	if c.Usage != KeyUseEncrypt {
 		certPEM, err = s.leafFor(ctx, c, prov, nref)
 		if err != nil {
-			ks.rollback()
+			ks.Rollback()
 			return err
 		}
 	}
@@ -634,8 +638,7 @@ func (s *Service) rotateLocked(ctx context.Context, c *Chain) error {
 	next.Active, next.ActiveCertificate = nk, certPEM
 	next.LastRotatedAt = &now
 	next.UpdatedAt = now
-	if err := s.save(ctx, &next); err != nil {
-		ks.rollback()
+	if err := ks.Commit(func() error { return s.save(ctx, &next) }); err != nil {
 		return err
 	}
 	*c = next
@@ -670,18 +673,21 @@ func (s *Service) leafFor(ctx context.Context, c *Chain, prov providers.Provider
 		return "", err
 	}
 	spec := certSpec{commonName: name, days: c.certValidityDays(), subjectPub: ref.Public, now: s.now()}
-	by := signer{prov: prov, ref: ref}
+	by := s.signerOf(prov, ref)
 	rootPEM := ""
 	if c.Type() == TypeInternalChain {
 		roots, err := parsePEMChain(c.RootCertificate)
-		if err != nil || len(roots) == 0 {
-			return "", fmt.Errorf("stored root certificate of chain %s is unreadable: %v", c.ID, err)
+		if err != nil {
+			return "", fmt.Errorf("stored root certificate of chain %s is unreadable: %w", c.ID, err)
 		}
-		rref, err := c.Root.ref(c.Tenant)
+		if len(roots) == 0 {
+			return "", fmt.Errorf("stored root certificate of chain %s holds no certificate", c.ID)
+		}
+		rref, err := keys.ProviderRef(*c.Root, c.Tenant)
 		if err != nil {
 			return "", err
 		}
-		spec.issuer, by, rootPEM = roots[0], signer{prov: prov, ref: rref}, c.RootCertificate
+		spec.issuer, by, rootPEM = roots[0], s.signerOf(prov, rref), c.RootCertificate
 	}
 	leaf, err := s.prof.issue(ctx, spec, by)
 	if err != nil {
@@ -771,11 +777,11 @@ func (s *Service) Export(ctx context.Context, tenant, id string) (*Export, error
 	}
 	ex, _ := s.exporter(c.Provider)
 	exportable := ex != nil
-	jwkOf := func(k StoredKey) (keyutil.JWK, error) {
+	jwkOf := func(k store.KeyRef) (keyutil.JWK, error) {
 		if ex == nil {
 			return k.PublicJWK, nil
 		}
-		ref, err := k.ref(tenant)
+		ref, err := keys.ProviderRef(k, tenant)
 		if err != nil {
 			return keyutil.JWK{}, err
 		}
@@ -810,12 +816,12 @@ func (s *Service) Export(ctx context.Context, tenant, id string) (*Export, error
 	return out, nil
 }
 
-func (s *Service) exporter(providerID string) (Exporter, error) {
+func (s *Service) exporter(providerID string) (providers.PrivateExporter, error) {
 	prov, err := s.reg.Get(providerID)
 	if err != nil {
 		return nil, err
 	}
-	ex, _ := prov.(Exporter)
+	ex, _ := providers.As[providers.PrivateExporter](prov)
 	return ex, nil
 }
 
@@ -827,18 +833,18 @@ func (s *Service) KeyRefs(ctx context.Context, tenant, id string) (map[string]pr
 		return nil, err
 	}
 	out := map[string]providers.KeyRef{}
-	add := func(name string, k *StoredKey) error {
+	add := func(name string, k *store.KeyRef) error {
 		if k == nil {
 			return nil
 		}
-		r, err := k.ref(tenant)
+		r, err := keys.ProviderRef(*k, tenant)
 		if err != nil {
 			return err
 		}
 		out[name] = r
 		return nil
 	}
-	for name, k := range map[string]*StoredKey{"active": &c.Active, "previous": c.Previous, "root": c.Root} {
+	for name, k := range map[string]*store.KeyRef{"active": &c.Active, "previous": c.Previous, "root": c.Root} {
 		if err := add(name, k); err != nil {
 			return nil, err
 		}
