@@ -17,10 +17,9 @@ import (
 // produced by a real backend reliably.
 type fakeProvider struct {
 	providers.Base
-	sig     []byte
-	err     error
-	signed  int
-	exports bool
+	sig    []byte
+	err    error
+	signed int
 }
 
 func (f *fakeProvider) Capabilities() providers.Capabilities {
