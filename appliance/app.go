@@ -136,7 +136,8 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		return nil, err
 	}
 	a.metrics = metrics.New(o.Version, o.Commit)
-	a.registry, err = providers.NewRegistry(ctx, kms.Providers, kms.DefaultProvider, a.factories())
+	a.registry, err = providers.NewRegistry(ctx, kms.Providers, kms.DefaultProvider, a.factories(),
+		func(id string) providers.Observer { return a.metrics.ProviderRecorder(id) })
 	if err != nil {
 		a.store.Close()
 		return nil, err
@@ -146,7 +147,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		a.Close()
 		return nil, err
 	}
-	a.keys = keys.New(a.store, a.registry, a.metrics, a.log)
+	a.keys = keys.New(a.store, a.registry, a.log)
 	a.health = newHealthMonitor(a.registry, a.metrics)
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
 		Logger: a.log}

@@ -11,7 +11,7 @@ import (
 // hook, and runs the config-folder import. A bad import file is logged and skipped: it must not
 // keep the appliance from starting.
 func (a *Appliance) setupKeyChains(ctx context.Context, deps *api.Deps) error {
-	svc := keychain.New(keychain.Config{Store: a.store, Registry: a.registry, Tenants: a.tenants,
+	svc := keychain.New(keychain.Config{Store: a.store, Registry: a.registry, Tenants: a.tenants, Lifecycle: a.keys.Lifecycle(),
 		Metrics: a.metrics, Logger: a.log, PublicURL: a.opts.PublicURL, Country: a.opts.CertCountry,
 		Grace: a.opts.RotationGrace})
 	a.keyChains = svc

@@ -1,8 +1,6 @@
 package appliance
 
 import (
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/hsm"
@@ -38,10 +36,10 @@ func (a *Appliance) registerProviderMetrics() {
 	pools := map[string]poolStatser{}
 	for _, p := range a.registry.All() {
 		// Providers with their own counters (aws-kms throttling) export them directly.
-		if c, ok := p.(prometheus.Collector); ok {
+		if c, ok := providers.As[providers.MetricsCollector](p); ok {
 			a.metrics.Registry.MustRegister(c)
 		}
-		if s, ok := p.(poolStatser); ok {
+		if s, ok := providers.As[poolStatser](p); ok {
 			pools[p.ID()] = s
 		}
 	}

@@ -87,23 +87,25 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
 }
 
-// SignRecorder holds pre-resolved ES256 observers for one provider, so the sign hot path does no
-// label hashing or allocation.
-type SignRecorder struct {
-	vec      *prometheus.HistogramVec
-	provider string
-	ok, fail prometheus.Observer
+// ProviderRecorder holds one provider's pre-resolved collectors, so that the sign hot path does
+// no label hashing or allocation. It satisfies the provider decorator's observer interface.
+type ProviderRecorder struct {
+	m         *Metrics
+	provider  string
+	ok, fail  prometheus.Observer
+	throttled prometheus.Counter
 }
 
-// SignRecorder returns the recorder for provider.
-func (m *Metrics) SignRecorder(provider string) *SignRecorder {
-	return &SignRecorder{vec: m.SignDuration, provider: provider,
-		ok:   m.SignDuration.WithLabelValues(provider, "ES256", ResultOK),
-		fail: m.SignDuration.WithLabelValues(provider, "ES256", ResultError)}
+// ProviderRecorder returns the recorder for provider.
+func (m *Metrics) ProviderRecorder(provider string) *ProviderRecorder {
+	return &ProviderRecorder{m: m, provider: provider,
+		ok:        m.SignDuration.WithLabelValues(provider, "ES256", ResultOK),
+		fail:      m.SignDuration.WithLabelValues(provider, "ES256", ResultError),
+		throttled: m.Throttled.WithLabelValues(provider)}
 }
 
-// Observe records one signature.
-func (r *SignRecorder) Observe(alg, result string, d time.Duration) {
+// ObserveSign records one signature.
+func (r *ProviderRecorder) ObserveSign(alg, result string, d time.Duration) {
 	if alg == "ES256" {
 		switch result {
 		case ResultOK:
@@ -114,7 +116,15 @@ func (r *SignRecorder) Observe(alg, result string, d time.Duration) {
 			return
 		}
 	}
-	r.vec.WithLabelValues(r.provider, alg, result).Observe(d.Seconds())
+	r.m.SignDuration.WithLabelValues(r.provider, alg, result).Observe(d.Seconds())
+}
+
+// Throttled counts one throttled call.
+func (r *ProviderRecorder) Throttled() { r.throttled.Inc() }
+
+// KeyOp counts one key lifecycle operation.
+func (r *ProviderRecorder) KeyOp(op, result string) {
+	r.m.KeyOps.WithLabelValues(r.provider, op, result).Inc()
 }
 
 // HTTPMethod folds a request method into a closed set.

@@ -61,8 +61,8 @@ type KeySpec struct {
 }
 
 // KeyRef is everything the appliance persists about a key and hands back to the provider on later
-// calls. It never holds plaintext private material: Material is provider-private and opaque (the
-// db provider stores its sealed private key there; external providers leave it empty).
+// calls. It never holds private material: every provider, db included, keeps its keys itself and
+// finds them again by ExternalID.
 type KeyRef struct {
 	ProviderID string
 	Tenant     string
@@ -70,7 +70,6 @@ type KeyRef struct {
 	Alg        string
 	ExternalID string
 	Public     *ecdsa.PublicKey
-	Material   []byte
 }
 
 // Health is a provider's answer to a health probe.

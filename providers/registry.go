@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -73,22 +75,27 @@ type Registry struct {
 	healthWait time.Duration
 }
 
-// NewRegistry builds every provider in cfgs with the factory for its type. On error the providers
-// built so far are closed.
-func NewRegistry(ctx context.Context, cfgs []Config, defaultID string, factories map[string]Factory) (*Registry, error) {
+// NewRegistry builds every provider in cfgs with the factory for its type and wraps it in the
+// decorator that checks, stamps and measures every call (observe may be nil: no metrics). On
+// error the providers built so far are closed.
+func NewRegistry(ctx context.Context, cfgs []Config, defaultID string, factories map[string]Factory, observe ObserverFor) (*Registry, error) {
 	r := &Registry{byID: make(map[string]Provider, len(cfgs)), defaultID: defaultID, healthWait: 5 * time.Second}
 	for _, c := range cfgs {
 		f, ok := factories[c.Type]
 		if !ok {
 			r.Close()
-			return nil, fmt.Errorf("provider %q: unknown type %q", c.ID, c.Type)
+			return nil, UnknownTypeError(c.ID, c.Type, slices.Sorted(maps.Keys(factories)))
 		}
 		p, err := f(ctx, c)
 		if err != nil {
 			r.Close()
 			return nil, err
 		}
-		r.byID[c.ID] = p
+		var obs Observer
+		if observe != nil {
+			obs = observe(c.ID)
+		}
+		r.byID[c.ID] = Instrument(p, obs)
 		r.order = append(r.order, c.ID)
 	}
 	if _, ok := r.byID[defaultID]; !ok {
@@ -96,6 +103,11 @@ func NewRegistry(ctx context.Context, cfgs []Config, defaultID string, factories
 		return nil, fmt.Errorf("defaultProvider %q names no configured provider", defaultID)
 	}
 	return r, nil
+}
+
+// UnknownTypeError is the error for a provider entry whose type is none of known.
+func UnknownTypeError(id, typ string, known []string) error {
+	return fmt.Errorf("provider %q: field \"type\": unknown type %q (known: %s)", id, typ, strings.Join(known, ", "))
 }
 
 // Get returns the provider with id, or the default provider when id is empty.

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/crypto/cryptobyte"
 	cbasn1 "golang.org/x/crypto/cryptobyte/asn1"
 
+	"github.com/kmsgate/kmsgate/appliance/keys"
 	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
@@ -49,20 +50,26 @@ func newCertProfile(publicURL, country string) certProfile {
 	return p
 }
 
-// signer is a key that signs through its provider.
+// signer is a key that signs through the key lifecycle and its provider.
 type signer struct {
+	lc   *keys.Lifecycle
 	prov providers.Provider
 	ref  providers.KeyRef
+}
+
+func (s *Service) signerOf(prov providers.Provider, ref providers.KeyRef) signer {
+	return signer{lc: s.lc, prov: prov, ref: ref}
 }
 
 // sign signs msg with ES256, sending only the digest when the backend accepts one (less data to
 // a remote KMS) and the whole message otherwise.
 func (s signer) sign(ctx context.Context, msg []byte) ([]byte, error) {
-	if s.prov.Capabilities().CanSignDigest {
+	caps := s.prov.Capabilities()
+	if caps.CanSignDigest {
 		d := sha256.Sum256(msg)
-		return s.prov.SignDigest(ctx, s.ref, providers.ES256, d[:])
+		return s.lc.Sign(ctx, s.prov, caps, s.ref, providers.ES256, d[:], true)
 	}
-	return s.prov.SignMessage(ctx, s.ref, providers.ES256, msg)
+	return s.lc.Sign(ctx, s.prov, caps, s.ref, providers.ES256, msg, false)
 }
 
 // ski is the RFC 5280 method-1 key identifier: SHA-1 over the 65-byte uncompressed EC point. Set

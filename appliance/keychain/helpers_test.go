@@ -26,6 +26,7 @@ import (
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
+	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/db"
 )
@@ -133,6 +134,7 @@ type env struct {
 	st    *store.Store
 	ten   *tenants.Service
 	p     *tenants.Principal
+	m     *metrics.Metrics
 }
 
 const testTenant = "acme"
@@ -159,8 +161,9 @@ func newEnv(t *testing.T) *env {
 		rp.Provider = p
 		return rp, nil
 	}}
+	m := metrics.New("test", "test")
 	reg, err := providers.NewRegistry(ctx, []providers.Config{{ID: "db", Type: "db", Raw: json.RawMessage(`{"id":"db","type":"db"}`)}},
-		"db", factories)
+		"db", factories, func(id string) providers.Observer { return m.ProviderRecorder(id) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,8 +179,8 @@ func newEnv(t *testing.T) *env {
 	}
 	clk := &fakeClock{t: time.Date(2026, 3, 1, 10, 37, 12, 0, time.UTC)}
 	svc := New(Config{Store: st, Registry: reg, Tenants: ten, PublicURL: "https://issuer.example.test:8443/x",
-		Country: "NL", Grace: 7 * 24 * time.Hour, Now: clk.Now})
-	return &env{svc: svc, prov: rp, clock: clk, st: st, ten: ten, p: &tenants.Principal{TenantID: testTenant}}
+		Country: "NL", Grace: 7 * 24 * time.Hour, Now: clk.Now, Metrics: m})
+	return &env{svc: svc, prov: rp, clock: clk, st: st, ten: ten, p: &tenants.Principal{TenantID: testTenant}, m: m}
 }
 
 func (e *env) chain(t *testing.T, id string) *Chain {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/kmsgate/kmsgate/appliance/keys"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/internal/errs"
@@ -124,18 +125,17 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 	if existing != nil && prov.Type() != providers.TypeDB {
 		suffix = "-import-" + strconv.FormatInt(now.UnixMilli(), 10)
 	}
-	ks := &keyset{s: s, prov: prov}
+	ks := s.lc.Begin()
 	if rootMode {
 		err = s.importRootMode(ctx, c, prov, req, priv, name, suffix, ks)
 	} else {
 		err = s.importLeafMode(ctx, c, prov, req, priv, name, suffix, ks)
 	}
 	if err != nil {
-		ks.rollback()
+		ks.Rollback()
 		return "", err
 	}
-	if err := s.save(ctx, c); err != nil {
-		ks.rollback()
+	if err := ks.Commit(func() error { return s.save(ctx, c) }); err != nil {
 		return "", err
 	}
 	if existing != nil {
@@ -151,7 +151,7 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 	return id, nil
 }
 
-func containsKey(keys []StoredKey, k StoredKey) bool {
+func containsKey(keys []store.KeyRef, k store.KeyRef) bool {
 	for _, x := range keys {
 		if sameKey(x, k) {
 			return true
@@ -162,7 +162,7 @@ func containsKey(keys []StoredKey, k StoredKey) bool {
 
 // importLeafMode is modes 1 and 2.
 func (s *Service) importLeafMode(ctx context.Context, c *Chain, prov providers.Provider, req ImportRequest,
-	priv *ecdsa.PrivateKey, name, suffix string, ks *keyset) error {
+	priv *ecdsa.PrivateKey, name, suffix string, ks *keys.Batch) error {
 	var certs []*x509.Certificate
 	if len(req.Crt) > 0 {
 		var err error
@@ -184,7 +184,7 @@ func (s *Service) importLeafMode(ctx context.Context, c *Chain, prov providers.P
 		c.ActiveCertificate = pemChain(certs)
 	default:
 		leaf, err := s.prof.issue(ctx, certSpec{commonName: name, days: c.certValidityDays(), subjectPub: ref.Public,
-			now: s.now()}, signer{prov: prov, ref: ref})
+			now: s.now()}, s.signerOf(prov, ref))
 		if err != nil {
 			return fmt.Errorf("leaf certificate: %w", err)
 		}
@@ -195,7 +195,7 @@ func (s *Service) importLeafMode(ctx context.Context, c *Chain, prov providers.P
 
 // importRootMode is mode 3.
 func (s *Service) importRootMode(ctx context.Context, c *Chain, prov providers.Provider, req ImportRequest,
-	priv *ecdsa.PrivateKey, name, suffix string, ks *keyset) error {
+	priv *ecdsa.PrivateKey, name, suffix string, ks *keys.Batch) error {
 	if c.Rotation.Enabled {
 		if c.Rotation.IntervalDays == 0 {
 			c.Rotation.IntervalDays = importDefaultIntervalDays
@@ -252,7 +252,7 @@ func (s *Service) importRootMode(ctx context.Context, c *Chain, prov providers.P
 	}
 	if root == nil {
 		if root, err = s.prof.issue(ctx, certSpec{commonName: name + " Root CA", ca: true, days: RootValidityDays,
-			subjectPub: rref.Public, now: s.now()}, signer{prov: prov, ref: rref}); err != nil {
+			subjectPub: rref.Public, now: s.now()}, s.signerOf(prov, rref)); err != nil {
 			return fmt.Errorf("root certificate: %w", err)
 		}
 	}
@@ -276,7 +276,7 @@ func (s *Service) importRootMode(ctx context.Context, c *Chain, prov providers.P
 		return err
 	}
 	leaf, err := s.prof.issue(ctx, certSpec{commonName: name, days: c.certValidityDays(), subjectPub: aref.Public,
-		issuer: root, now: s.now()}, signer{prov: prov, ref: rref})
+		issuer: root, now: s.now()}, s.signerOf(prov, rref))
 	if err != nil {
 		return fmt.Errorf("leaf certificate: %w", err)
 	}

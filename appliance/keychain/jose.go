@@ -3,11 +3,12 @@ package keychain
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
 
+	"github.com/kmsgate/kmsgate/appliance/keys"
+	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
@@ -31,11 +32,11 @@ func (s *Service) signingChain(ctx context.Context, tenant, id string) (*Chain, 
 	if err != nil {
 		return nil, signer{}, err
 	}
-	ref, err := c.Active.ref(tenant)
+	ref, err := keys.ProviderRef(c.Active, tenant)
 	if err != nil {
 		return nil, signer{}, err
 	}
-	return c, signer{prov: prov, ref: ref}, nil
+	return c, s.signerOf(prov, ref), nil
 }
 
 // Sign signs a message or a SHA-256 digest with the chain's active key (raw r‖s).
@@ -52,14 +53,7 @@ func (s *Service) Sign(ctx context.Context, tenant, id string, req SignRequest) 
 	}
 	var sig []byte
 	if req.Digest != nil {
-		if len(req.Digest) != sha256.Size {
-			return nil, badRequest("invalid_digest", "digest must be %d bytes for ES256, got %d", sha256.Size, len(req.Digest))
-		}
-		if !sg.prov.Capabilities().CanSignDigest {
-			return nil, errs.Errorf(errs.NotSupported, "provider %q signs whole messages only: send data instead of digest",
-				sg.prov.ID()).WithCode("digest_not_supported")
-		}
-		sig, err = sg.prov.SignDigest(ctx, sg.ref, providers.ES256, req.Digest)
+		sig, err = s.lc.Sign(ctx, sg.prov, sg.prov.Capabilities(), sg.ref, providers.ES256, req.Digest, true)
 	} else {
 		sig, err = sg.sign(ctx, req.Data)
 	}
@@ -131,7 +125,7 @@ func (s *Service) publishable(c *Chain) []keyutil.JWK {
 	if c.Usage == KeyUseEncrypt {
 		return nil
 	}
-	pub := func(k StoredKey) keyutil.JWK {
+	pub := func(k store.KeyRef) keyutil.JWK {
 		j := k.PublicJWK.Public()
 		j.Kid, j.Alg, j.Use = k.KID, providers.ES256, "sig"
 		return j

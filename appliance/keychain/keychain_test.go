@@ -16,6 +16,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 
+	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
@@ -129,9 +130,9 @@ func TestInternalChainProfileAndVerify(t *testing.T) {
 	}
 }
 
-func mustPub(t *testing.T, k StoredKey) *ecdsa.PublicKey {
+func mustPub(t *testing.T, k store.KeyRef) *ecdsa.PublicKey {
 	t.Helper()
-	p, err := k.public()
+	p, err := publicOf(k)
 	if err != nil {
 		t.Fatal(err)
 	}

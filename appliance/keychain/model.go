@@ -4,16 +4,17 @@
 // docs eudiplo-compat §1–§4), with the deviations the project decided on (expired previous keys
 // are deleted, imports are validated, certificates follow a corrected profile).
 //
-// Keys live in the chain's provider. The chain record stores only the provider's KeyRef: for the
-// db provider that includes the sealed private key (bound to tenant and kid), for every other
-// provider just the reference and the public JWK. Certificates are signed by the key's own
-// provider, so private keys never leave their backend.
+// Keys live in the chain's provider. The chain record stores only the provider's reference and the
+// public JWK (store.KeyRef, the same encoding the contract face uses); certificates are signed by
+// the key's own provider, so private keys never leave their backend.
 package keychain
 
 import (
 	"crypto/ecdsa"
 	"time"
 
+	"github.com/kmsgate/kmsgate/appliance/keys"
+	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
 )
@@ -61,19 +62,6 @@ var usageTypes = map[string]bool{UsageAccess: true, UsageAttestation: true, Usag
 // ValidUsageType reports whether u is one of the usage types.
 func ValidUsageType(u string) bool { return usageTypes[u] }
 
-// StoredKey is one key of a chain as persisted: the provider's KeyRef without the live public key
-// (kept as a JWK instead).
-type StoredKey struct {
-	KID        string      `json:"kid"`
-	ProviderID string      `json:"providerId"`
-	ExternalID string      `json:"externalId,omitempty"`
-	Alg        string      `json:"alg"`
-	PublicJWK  keyutil.JWK `json:"publicJwk"`
-	// Material is provider-private (db: the private key sealed to (tenant, kid)); empty for
-	// external providers, which keep the private key themselves.
-	Material []byte `json:"material,omitempty"`
-}
-
 // Chain is the persisted key chain (eudiplo-compat §2).
 type Chain struct {
 	ID          string `json:"id"`
@@ -83,15 +71,15 @@ type Chain struct {
 	Usage       string `json:"usage"`
 	Provider    string `json:"kmsProvider"`
 
-	Active            StoredKey `json:"active"`
-	ActiveCertificate string    `json:"activeCertificate"`
+	Active            store.KeyRef `json:"active"`
+	ActiveCertificate string       `json:"activeCertificate"`
 
-	Root            *StoredKey `json:"root,omitempty"`
-	RootCertificate string     `json:"rootCertificate,omitempty"`
+	Root            *store.KeyRef `json:"root,omitempty"`
+	RootCertificate string        `json:"rootCertificate,omitempty"`
 
-	Previous            *StoredKey `json:"previous,omitempty"`
-	PreviousCertificate string     `json:"previousCertificate,omitempty"`
-	PreviousKeyExpiry   *time.Time `json:"previousKeyExpiry,omitempty"`
+	Previous            *store.KeyRef `json:"previous,omitempty"`
+	PreviousCertificate string        `json:"previousCertificate,omitempty"`
+	PreviousKeyExpiry   *time.Time    `json:"previousKeyExpiry,omitempty"`
 
 	Rotation      Policy     `json:"rotation"`
 	LastRotatedAt *time.Time `json:"lastRotatedAt,omitempty"`
@@ -115,8 +103,8 @@ func (c *Chain) Type() string {
 }
 
 // keys lists every key the chain holds (for deletion).
-func (c *Chain) keys() []StoredKey {
-	out := []StoredKey{c.Active}
+func (c *Chain) keys() []store.KeyRef {
+	out := []store.KeyRef{c.Active}
 	if c.Previous != nil {
 		out = append(out, *c.Previous)
 	}
@@ -145,27 +133,15 @@ func (c *Chain) certValidityDays() int {
 	return DefaultCertValidityDays
 }
 
-// storedKey converts a provider KeyRef into its persisted form.
-func storedKey(ref providers.KeyRef, jwkAlg string) (StoredKey, error) {
-	j, err := keyutil.PublicJWK(ref.Public, ref.KID, jwkAlg)
-	if err != nil {
-		return StoredKey{}, err
-	}
-	return StoredKey{KID: ref.KID, ProviderID: ref.ProviderID, ExternalID: ref.ExternalID, Alg: ref.Alg,
-		PublicJWK: j, Material: ref.Material}, nil
+// storedKey converts a provider KeyRef into its persisted form inside a chain (the chain record
+// holds the tenant).
+func storedKey(ref providers.KeyRef, jwkAlg string) (store.KeyRef, error) {
+	k, err := keys.Persisted(ref, jwkAlg)
+	k.Tenant = ""
+	return k, err
 }
 
-// ref rebuilds the provider KeyRef of a stored key.
-func (k StoredKey) ref(tenant string) (providers.KeyRef, error) {
-	pub, err := k.public()
-	if err != nil {
-		return providers.KeyRef{}, err
-	}
-	return providers.KeyRef{ProviderID: k.ProviderID, Tenant: tenant, KID: k.KID, Alg: k.Alg,
-		ExternalID: k.ExternalID, Public: pub, Material: k.Material}, nil
-}
-
-func (k StoredKey) public() (*ecdsa.PublicKey, error) {
+func publicOf(k store.KeyRef) (*ecdsa.PublicKey, error) {
 	return keyutil.ParsePublicJWK(k.PublicJWK)
 }
 

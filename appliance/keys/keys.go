@@ -6,7 +6,6 @@ package keys
 import (
 	"context"
 	"crypto/ecdsa"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -18,7 +17,6 @@ import (
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
-	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
 )
 
@@ -30,15 +28,21 @@ type Registry interface {
 	Get(id string) (providers.Provider, error)
 }
 
-// Service is the key service. It is safe for concurrent use.
+// Store is what the service needs from the record store.
+type Store interface {
+	Get(ctx context.Context, key string, v any) error
+	Put(ctx context.Context, key string, v any) error
+	Create(ctx context.Context, key string, v any) error
+	Delete(ctx context.Context, key string) error
+}
+
+// Service is the key service of the remote-KMS contract face. It is safe for concurrent use.
 type Service struct {
-	st      *store.Store
+	st      Store
 	reg     Registry
-	m       *metrics.Metrics
+	lc      *Lifecycle
 	log     *slog.Logger
 	now     func() time.Time
-	recs    map[string]*metrics.SignRecorder
-	recsMu  sync.Mutex
 	mu      sync.RWMutex
 	entries map[entryKey]*entry
 }
@@ -49,15 +53,15 @@ type entry struct {
 	ref  providers.KeyRef
 	prov providers.Provider
 	caps providers.Capabilities
-	jwk  keyutil.JWK
-	rec  *metrics.SignRecorder
 }
 
 // New builds the service.
-func New(st *store.Store, reg Registry, m *metrics.Metrics, log *slog.Logger) *Service {
-	return &Service{st: st, reg: reg, m: m, log: log, now: time.Now, recs: map[string]*metrics.SignRecorder{},
-		entries: map[entryKey]*entry{}}
+func New(st Store, reg Registry, log *slog.Logger) *Service {
+	return &Service{st: st, reg: reg, lc: NewLifecycle(log), log: log, now: time.Now, entries: map[entryKey]*entry{}}
 }
+
+// Lifecycle is the key lifecycle the service uses, for the other face to share.
+func (s *Service) Lifecycle() *Lifecycle { return s.lc }
 
 // ValidateKID checks a kid from a URL or body.
 func ValidateKID(kid string) error {
@@ -90,17 +94,6 @@ func ResolveAlg(p providers.Provider, alg string) (string, error) {
 	return alg, nil
 }
 
-func (s *Service) recorder(id string) *metrics.SignRecorder {
-	s.recsMu.Lock()
-	defer s.recsMu.Unlock()
-	r, ok := s.recs[id]
-	if !ok {
-		r = s.m.SignRecorder(id)
-		s.recs[id] = r
-	}
-	return r
-}
-
 // KeyInfo is a key's public description.
 type KeyInfo struct {
 	KID        string      `json:"kid"`
@@ -112,7 +105,7 @@ type KeyInfo struct {
 	UpdatedAt  time.Time   `json:"updatedAt"`
 }
 
-func info(r *store.KeyRecord) *KeyInfo {
+func info(r *store.KeyRef) *KeyInfo {
 	return &KeyInfo{KID: r.KID, ProviderID: r.ProviderID, Alg: r.Alg, PublicJWK: r.PublicJWK, Imported: r.Imported,
 		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt}
 }
@@ -137,30 +130,30 @@ func (s *Service) Generate(ctx context.Context, tenant, kid, alg string, prov pr
 	if !prov.Capabilities().CanCreate {
 		return nil, errs.Errorf(errs.NotSupported, "provider %s cannot create keys", prov.ID())
 	}
-	var existing store.KeyRecord
+	var existing store.KeyRef
 	if err := s.st.Get(ctx, store.KeyRecordKey(tenant, kid), &existing); err == nil {
 		return nil, errExists(kid)
 	} else if !errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("read key record: %w", err)
 	}
-	ref, err := prov.Generate(ctx, providers.KeySpec{Tenant: tenant, KID: kid, Alg: alg})
-	s.countOp(prov.ID(), "generate", err)
-	if err != nil {
-		return nil, err
-	}
-	rec, err := s.record(ref, false)
-	if err != nil {
-		s.cleanup(prov, ref)
-		return nil, err
-	}
-	if err := s.st.Create(ctx, store.KeyRecordKey(tenant, kid), rec); err != nil {
-		// Lost a race with a concurrent generate of the same kid, or the store failed: do not
-		// leave an orphan key in the backend.
-		s.cleanup(prov, ref)
-		if errors.Is(err, store.ErrExists) {
-			return nil, errExists(kid)
+	var rec *store.KeyRef
+	_, err = s.lc.Generate(ctx, prov, providers.KeySpec{Tenant: tenant, KID: kid, Alg: alg}, func(ref providers.KeyRef) error {
+		var err error
+		if rec, err = s.record(ref, false); err != nil {
+			return err
 		}
-		return nil, fmt.Errorf("store key record: %w", err)
+		// Create, not Put: a concurrent generate of the same kid loses here, and its backend key
+		// is rolled back.
+		if err := s.st.Create(ctx, store.KeyRecordKey(tenant, kid), rec); err != nil {
+			if errors.Is(err, store.ErrExists) {
+				return errExists(kid)
+			}
+			return fmt.Errorf("store key record: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	s.forget(tenant, kid)
 	return info(rec), nil
@@ -180,73 +173,50 @@ func (s *Service) Import(ctx context.Context, tenant, kid, alg string, prov prov
 		return nil, errs.Errorf(errs.NotSupported, "provider %s (%s) cannot import keys", prov.ID(), prov.Type()).
 			WithCode("import_not_supported")
 	}
-	var old store.KeyRecord
+	var old store.KeyRef
 	hadOld := false
 	if err := s.st.Get(ctx, store.KeyRecordKey(tenant, kid), &old); err == nil {
 		hadOld = true
 	} else if !errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("read key record: %w", err)
 	}
-	ref, err := prov.Import(ctx, providers.KeySpec{Tenant: tenant, KID: kid, Alg: alg}, priv)
-	s.countOp(prov.ID(), "import", err)
+	var rec *store.KeyRef
+	ref, err := s.lc.Import(ctx, prov, providers.KeySpec{Tenant: tenant, KID: kid, Alg: alg}, priv, func(ref providers.KeyRef) error {
+		var err error
+		if rec, err = s.record(ref, true); err != nil {
+			return err
+		}
+		if hadOld {
+			rec.CreatedAt = old.CreatedAt
+		}
+		if err := s.st.Put(ctx, store.KeyRecordKey(tenant, kid), rec); err != nil {
+			return fmt.Errorf("store key record: %w", err)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	rec, err := s.record(ref, true)
-	if err != nil {
-		s.cleanup(prov, ref)
-		return nil, err
-	}
-	if hadOld {
-		rec.CreatedAt = old.CreatedAt
-	}
-	if err := s.st.Put(ctx, store.KeyRecordKey(tenant, kid), rec); err != nil {
-		s.cleanup(prov, ref)
-		return nil, fmt.Errorf("store key record: %w", err)
 	}
 	s.forget(tenant, kid)
 	if hadOld && (old.ProviderID != ref.ProviderID || old.ExternalID != ref.ExternalID) {
+		// The record now points at the new key: the one it replaced is unreferenced.
 		if op, err := s.reg.Get(old.ProviderID); err == nil {
-			s.cleanup(op, refOf(&old))
+			if oref, err := ProviderRef(old, tenant); err == nil {
+				s.lc.cleanup(op, oref)
+			}
 		}
 	}
 	return info(rec), nil
 }
 
-func (s *Service) record(ref providers.KeyRef, imported bool) (*store.KeyRecord, error) {
-	jwk, err := keyutil.PublicJWK(ref.Public, ref.KID, ref.Alg)
+func (s *Service) record(ref providers.KeyRef, imported bool) (*store.KeyRef, error) {
+	r, err := Persisted(ref, ref.Alg)
 	if err != nil {
-		return nil, fmt.Errorf("provider returned an unusable public key: %w", err)
+		return nil, err
 	}
 	now := s.now().UTC()
-	return &store.KeyRecord{Tenant: ref.Tenant, KID: ref.KID, ProviderID: ref.ProviderID, ExternalID: ref.ExternalID,
-		Alg: ref.Alg, PublicJWK: jwk, Material: ref.Material, Imported: imported, CreatedAt: now, UpdatedAt: now}, nil
-}
-
-func refOf(r *store.KeyRecord) providers.KeyRef {
-	pub, _ := keyutil.ParsePublicJWK(r.PublicJWK)
-	return providers.KeyRef{ProviderID: r.ProviderID, Tenant: r.Tenant, KID: r.KID, Alg: r.Alg,
-		ExternalID: r.ExternalID, Public: pub, Material: r.Material}
-}
-
-// cleanup deletes a backend key that no record points to, logging (never failing) on error.
-func (s *Service) cleanup(p providers.Provider, ref providers.KeyRef) {
-	if !p.Capabilities().CanDelete {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := p.Delete(ctx, ref); err != nil {
-		s.log.Warn("could not delete orphaned backend key", "provider", p.ID(), "tenant", ref.Tenant, "kid", ref.KID, "err", err)
-	}
-}
-
-func (s *Service) countOp(provider, op string, err error) {
-	res := metrics.ResultOK
-	if err != nil {
-		res = resultOf(err)
-	}
-	s.m.KeyOps.WithLabelValues(provider, op, res).Inc()
+	r.Imported, r.CreatedAt, r.UpdatedAt = imported, now, now
+	return &r, nil
 }
 
 // Get returns the key's public description.
@@ -254,7 +224,7 @@ func (s *Service) Get(ctx context.Context, tenant, kid string) (*KeyInfo, error)
 	if err := ValidateKID(kid); err != nil {
 		return nil, err
 	}
-	var r store.KeyRecord
+	var r store.KeyRef
 	if err := s.st.Get(ctx, store.KeyRecordKey(tenant, kid), &r); err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return nil, errNotFound(kid)
@@ -270,19 +240,19 @@ func (s *Service) Delete(ctx context.Context, tenant, kid string) error {
 	if err := ValidateKID(kid); err != nil {
 		return err
 	}
-	var r store.KeyRecord
+	var r store.KeyRef
 	if err := s.st.Get(ctx, store.KeyRecordKey(tenant, kid), &r); err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return nil
 		}
 		return fmt.Errorf("read key record: %w", err)
 	}
-	if p, err := s.reg.Get(r.ProviderID); err == nil && p.Capabilities().CanDelete {
-		err := p.Delete(ctx, refOf(&r))
-		s.countOp(p.ID(), "delete", err)
-		if err != nil {
-			s.log.Warn("backend delete failed; removing the reference anyway", "provider", p.ID(), "tenant", tenant,
-				"kid", kid, "err", err)
+	if p, err := s.reg.Get(r.ProviderID); err == nil {
+		if ref, err := ProviderRef(r, tenant); err == nil {
+			if err := s.lc.Delete(ctx, p, ref); err != nil {
+				s.log.Warn("backend delete failed; removing the reference anyway", "provider", p.ID(), "tenant", tenant,
+					"key_id", kid, "error", err)
+			}
 		}
 	}
 	if err := s.st.Delete(ctx, store.KeyRecordKey(tenant, kid)); err != nil {
@@ -308,7 +278,7 @@ func (s *Service) lookup(ctx context.Context, tenant, kid string) (*entry, error
 	if err := ValidateKID(kid); err != nil {
 		return nil, err
 	}
-	var r store.KeyRecord
+	var r store.KeyRef
 	if err := s.st.Get(ctx, store.KeyRecordKey(tenant, kid), &r); err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return nil, errNotFound(kid)
@@ -319,11 +289,11 @@ func (s *Service) lookup(ctx context.Context, tenant, kid string) (*entry, error
 	if err != nil {
 		return nil, errs.Errorf(errs.Unavailable, "key %q belongs to provider %q, which is not configured", kid, r.ProviderID)
 	}
-	ref := refOf(&r)
-	if ref.Public == nil {
-		return nil, fmt.Errorf("key record %q has an invalid public key", kid)
+	ref, err := ProviderRef(r, tenant)
+	if err != nil {
+		return nil, err
 	}
-	e = &entry{ref: ref, prov: p, caps: p.Capabilities(), jwk: r.PublicJWK, rec: s.recorder(p.ID())}
+	e = &entry{ref: ref, prov: p, caps: p.Capabilities()}
 	s.mu.Lock()
 	s.entries[entryKey{strings.Clone(tenant), strings.Clone(kid)}] = e
 	s.mu.Unlock()
@@ -343,52 +313,12 @@ func (s *Service) Sign(ctx context.Context, tenant, kid, alg string, data []byte
 		return nil, errs.Errorf(errs.BadInput, "alg %q does not match the key's algorithm %s", alg, e.ref.Alg).
 			WithCode("unsupported_alg")
 	}
-	start := time.Now()
-	var sig []byte
-	switch {
-	case isDigest && len(data) != sha256.Size:
-		err = errs.Errorf(errs.BadInput, "digest must be %d bytes for %s, got %d", sha256.Size, alg, len(data)).
-			WithCode("invalid_digest")
-	case isDigest && !e.caps.CanSignDigest:
-		err = errs.Errorf(errs.NotSupported, "provider %s signs whole messages only; send data instead of digest", e.prov.ID()).
-			WithCode("digest_not_supported")
-	case !isDigest && !e.caps.CanSignMessage:
-		d := sha256.Sum256(data)
-		sig, err = e.prov.SignDigest(ctx, e.ref, alg, d[:])
-	case isDigest:
-		sig, err = e.prov.SignDigest(ctx, e.ref, alg, data)
-	default:
-		sig, err = e.prov.SignMessage(ctx, e.ref, alg, data)
+	sig, err := s.lc.Sign(ctx, e.prov, e.caps, e.ref, alg, data, isDigest)
+	if err != nil && errs.KindOf(err) == errs.NotFound {
+		// The backend lost the key (deleted out of band): drop the cached entry, and report it
+		// with the same code as a key deleted through kmsgate.
+		s.forget(tenant, kid)
+		return nil, &errs.Error{Kind: errs.NotFound, Msg: fmt.Sprintf("key %q not found", kid), Code: "key_not_found", Err: err}
 	}
-	res := metrics.ResultOK
-	if err != nil {
-		res = resultOf(err)
-		if errs.KindOf(err) == errs.Throttled {
-			s.m.Throttled.WithLabelValues(e.prov.ID()).Inc()
-		}
-		if errs.KindOf(err) == errs.NotFound {
-			// The backend lost the key (deleted out of band); drop the cached entry.
-			s.forget(tenant, kid)
-		}
-	} else if len(sig) != 64 {
-		// Never hand a caller a signature of the wrong shape: a wrong length corrupts JWS.
-		res = metrics.ResultError
-		sig, err = nil, errs.Errorf(errs.Internal, "provider %s returned a %d-byte signature", e.prov.ID(), len(sig))
-	}
-	e.rec.Observe(alg, res, time.Since(start))
 	return sig, err
-}
-
-func resultOf(err error) string {
-	switch errs.KindOf(err) {
-	case errs.Unavailable:
-		return metrics.ResultUnavailable
-	case errs.Throttled:
-		return metrics.ResultThrottled
-	case errs.BadInput, errs.NotSupported:
-		return metrics.ResultBadInput
-	case errs.NotFound:
-		return metrics.ResultNotFound
-	}
-	return metrics.ResultError
 }

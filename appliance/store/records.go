@@ -58,19 +58,22 @@ type Credential struct {
 	RevokedAt       *time.Time `json:"revokedAt,omitempty"`
 }
 
-// KeyRecord is the stub entity of a key on the remote-KMS contract face: the provider's reference
-// and the cached public key. Material is the provider's opaque blob, if it uses one.
-type KeyRecord struct {
-	Tenant     string      `json:"tenant"`
+// KeyRef is the persisted reference to a key in its provider, shared by both faces: a key record
+// of the remote-KMS contract (stored on its own, with tenant, imported flag and timestamps) and
+// each key of a key chain (stored inside the chain record, which holds tenant and times itself).
+// The private key always stays in the provider. Records written before the reference was shared
+// still decode: the field names are those both older forms used, and their "material" field
+// (never filled any more) is ignored.
+type KeyRef struct {
+	Tenant     string      `json:"tenant,omitempty"`
 	KID        string      `json:"kid"`
 	ProviderID string      `json:"providerId"`
 	ExternalID string      `json:"externalId,omitempty"`
 	Alg        string      `json:"alg"`
 	PublicJWK  keyutil.JWK `json:"publicJwk"`
-	Material   []byte      `json:"material,omitempty"`
 	Imported   bool        `json:"imported,omitempty"`
-	CreatedAt  time.Time   `json:"createdAt"`
-	UpdatedAt  time.Time   `json:"updatedAt"`
+	CreatedAt  time.Time   `json:"createdAt,omitzero"`
+	UpdatedAt  time.Time   `json:"updatedAt,omitzero"`
 }
 
 // SealedKeys is the db provider's key store: sealed private keys in their own namespace.

@@ -418,10 +418,15 @@ func (s *Service) Revoke(ctx context.Context, target string) ([]string, error) {
 	return ids, nil
 }
 
+// ProviderSource is what ProviderFor needs from the provider registry.
+type ProviderSource interface {
+	Get(id string) (providers.Provider, error)
+}
+
 // ProviderFor resolves which provider a principal uses: an explicit request, else the credential's
 // default, else the tenant's default, else the registry default. It also enforces the tenant's
 // allow-list.
-func (s *Service) ProviderFor(ctx context.Context, p *Principal, requested string, reg *providers.Registry) (providers.Provider, error) {
+func (s *Service) ProviderFor(ctx context.Context, p *Principal, requested string, reg ProviderSource) (providers.Provider, error) {
 	t, err := s.Tenant(ctx, p.TenantID)
 	if err != nil {
 		return nil, err

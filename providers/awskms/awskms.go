@@ -35,8 +35,8 @@ import (
 type Config struct {
 	providers.Common
 	Region          string `json:"region"`
-	AccessKeyID     string `json:"accessKeyId,omitempty"`
-	SecretAccessKey string `json:"secretAccessKey,omitempty"`
+	AccessKeyID     string `json:"accessKeyId,omitempty" secret:"true"`
+	SecretAccessKey string `json:"secretAccessKey,omitempty" secret:"true"`
 	// Endpoint overrides the KMS endpoint (VPC endpoints, local-kms).
 	Endpoint string `json:"endpoint,omitempty"`
 	// Timeout bounds every call, as a Go duration ("10s").
@@ -63,7 +63,7 @@ type API interface {
 
 // Provider is one configured aws-kms provider.
 type Provider struct {
-	id, desc  string
+	providers.Base
 	api       API
 	timeout   time.Duration
 	log       *slog.Logger
@@ -122,13 +122,9 @@ func NewWithAPI(id, desc string, api API, timeout time.Duration, logger *slog.Lo
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	return &Provider{id: id, desc: desc, api: api, timeout: timeout, cache: jwkcache.New(),
+	return &Provider{Base: providers.NewBase(providers.TypeAWSKMS, id, desc), api: api, timeout: timeout, cache: jwkcache.New(),
 		log: logger.With("provider", id, "type", providers.TypeAWSKMS)}
 }
-
-func (p *Provider) ID() string          { return p.id }
-func (p *Provider) Type() string        { return providers.TypeAWSKMS }
-func (p *Provider) Description() string { return p.desc }
 
 func (p *Provider) Capabilities() providers.Capabilities {
 	return providers.Capabilities{CanCreate: true, CanImport: false, CanDelete: true, CanSignDigest: true,
@@ -139,7 +135,7 @@ func (p *Provider) Capabilities() providers.Capabilities {
 func (p *Provider) ThrottledCount() uint64 { return p.throttled.Load() }
 
 func (p *Provider) fail(kind errs.Kind, op, msg string, cause error) *errs.Error {
-	return &errs.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
+	return &errs.Error{Kind: kind, Provider: p.ID(), Op: op, Msg: msg, Err: cause}
 }
 
 // classify maps a KMS error to a provider error kind. SDK errors name the operation and request
@@ -184,9 +180,6 @@ func (p *Provider) classify(op string, err error) error {
 
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
 	const op = "generate"
-	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
-		return providers.KeyRef{}, err
-	}
 	if spec.KID == "" {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid is required", nil)
 	}
@@ -220,7 +213,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		return providers.KeyRef{}, err
 	}
 	p.cache.Put(keyID, pub)
-	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
+	return providers.KeyRef{ProviderID: p.ID(), Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
 		ExternalID: keyID, Public: pub}, nil
 }
 
@@ -296,18 +289,12 @@ func (p *Provider) fetchPublic(ctx context.Context, keyID string) (*ecdsa.Public
 // SignMessage hashes locally and signs the digest: KMS RAW messages are limited to 4096 bytes,
 // while TBSCertificates and SD-JWTs can be larger.
 func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg string, msg []byte) ([]byte, error) {
-	if err := providers.CheckES256(p.id, "sign", alg); err != nil {
-		return nil, err
-	}
 	d := sha256.Sum256(msg)
 	return p.signDigest(ctx, "sign", ref, d[:])
 }
 
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
 	const op = "sign digest"
-	if err := providers.CheckES256(p.id, op, alg); err != nil {
-		return nil, err
-	}
 	if len(digest) != sha256.Size {
 		return nil, p.fail(errs.BadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)
 	}
@@ -343,7 +330,7 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 	if err != nil {
 		// The SDK error names the endpoint and request: log it, answer with the safe message.
 		ce := p.classify("health", err)
-		p.log.Warn("aws-kms health probe failed", "provider", p.id, "error", ce)
+		p.log.Warn("aws-kms health probe failed", "provider", p.ID(), "error", ce)
 		h.Error = errs.PublicMessage(ce)
 	}
 	return h
@@ -351,3 +338,6 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 
 // Close has nothing to release: the SDK's HTTP client is pooled and garbage-collected.
 func (p *Provider) Close() error { return nil }
+
+// SecretFields lists the config fields (JSON names) that hold secrets, for redacted output.
+func SecretFields() []string { return providers.SecretFields(Config{}) }

@@ -13,5 +13,5 @@ func (p *Provider) Describe(ch chan<- *prometheus.Desc) { ch <- throttledDesc }
 
 func (p *Provider) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(throttledDesc, prometheus.CounterValue, float64(p.ThrottledCount()),
-		p.id, "aws-kms")
+		p.ID(), "aws-kms")
 }

@@ -39,10 +39,10 @@ type KeyStore interface {
 
 // Provider is the db provider.
 type Provider struct {
-	id, desc string
-	sealer   Sealer
-	aad      AADFunc
-	keys     KeyStore
+	providers.Base
+	sealer Sealer
+	aad    AADFunc
+	keys   KeyStore
 
 	// Unsealed keys by key id. An id is random and never reused, so the cache cannot hand out a
 	// stale key; it spares the hot path a store read, AES-GCM and scalar decoding.
@@ -60,7 +60,7 @@ func New(cfg providers.Config, sealer Sealer, aad AADFunc, keys KeyStore) (*Prov
 	if err := providers.DecodeStrict(cfg, &c); err != nil {
 		return nil, err
 	}
-	return &Provider{id: cfg.ID, desc: cfg.Description, sealer: sealer, aad: aad, keys: keys,
+	return &Provider{Base: providers.NewBase(providers.TypeDB, cfg.ID, cfg.Description), sealer: sealer, aad: aad, keys: keys,
 		cache: make(map[string]*ecdsa.PrivateKey)}, nil
 }
 
@@ -71,19 +71,12 @@ func Factory(sealer Sealer, aad AADFunc, keys KeyStore, _ *slog.Logger) provider
 	}
 }
 
-func (p *Provider) ID() string          { return p.id }
-func (p *Provider) Type() string        { return providers.TypeDB }
-func (p *Provider) Description() string { return p.desc }
-
 func (p *Provider) Capabilities() providers.Capabilities {
 	return providers.Capabilities{CanCreate: true, CanImport: true, CanDelete: true, CanSignDigest: true,
 		CanSignMessage: true, SupportedAlgs: []string{providers.ES256}, DefaultAlg: providers.ES256}
 }
 
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
-	if err := providers.CheckES256(p.id, "", spec.Alg); err != nil {
-		return providers.KeyRef{}, err
-	}
 	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "generate key")
@@ -92,9 +85,6 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 }
 
 func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
-	if err := providers.CheckES256(p.id, "", spec.Alg); err != nil {
-		return providers.KeyRef{}, err
-	}
 	if priv == nil || priv.Curve != elliptic.P256() {
 		return providers.KeyRef{}, errs.Errorf(errs.BadInput, "only P-256 private keys can be imported")
 	}
@@ -125,7 +115,7 @@ func (p *Provider) store(ctx context.Context, spec providers.KeySpec, priv *ecds
 	if alg == "" {
 		alg = providers.ES256
 	}
-	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: alg,
+	return providers.KeyRef{ProviderID: p.ID(), Tenant: spec.Tenant, KID: spec.KID, Alg: alg,
 		Public: &priv.PublicKey, ExternalID: id}, nil
 }
 
@@ -163,7 +153,7 @@ func (p *Provider) key(ctx context.Context, ref providers.KeyRef) (*ecdsa.Privat
 		return nil, errs.Wrap(errs.Internal, err, "load sealed key")
 	}
 	if !found || ref.ExternalID == "" {
-		return nil, errs.Errorf(errs.NotFound, "key %q not found in provider %s", ref.KID, p.id)
+		return nil, errs.Errorf(errs.NotFound, "key %q not found in provider %s", ref.KID, p.ID())
 	}
 	d, err := p.sealer.Open(sealed, p.aad(ref.Tenant, ref.KID))
 	if err != nil {
@@ -186,9 +176,6 @@ func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg st
 }
 
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
-	if err := providers.CheckES256(p.id, "", alg); err != nil {
-		return nil, err
-	}
 	if len(digest) != sha256.Size {
 		return nil, errs.Errorf(errs.BadInput, "digest must be %d bytes for ES256, got %d", sha256.Size, len(digest))
 	}

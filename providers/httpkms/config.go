@@ -21,7 +21,7 @@ type Config struct {
 	HealthPath string `json:"healthPath,omitempty"`
 	CanImport  bool   `json:"canImport,omitempty"`
 	// APIKey is the EUDIPLO-documented static credential, sent as "Authorization: Bearer".
-	APIKey string `json:"apiKey,omitempty"`
+	APIKey string `json:"apiKey,omitempty" secret:"true"`
 	// APIKeyHeader "x-api-key" sends APIKey in that header instead (what EUDIPLO's reference
 	// service checks); "" or "authorization" keeps the Bearer header.
 	APIKeyHeader string      `json:"apiKeyHeader,omitempty"`
@@ -36,10 +36,10 @@ type Config struct {
 // AuthConfig is the newer "auth" object.
 type AuthConfig struct {
 	Type         string `json:"type"`
-	Token        string `json:"token,omitempty"`
+	Token        string `json:"token,omitempty" secret:"true"`
 	TokenURL     string `json:"tokenUrl,omitempty"`
 	ClientID     string `json:"clientId,omitempty"`
-	ClientSecret string `json:"clientSecret,omitempty"`
+	ClientSecret string `json:"clientSecret,omitempty" secret:"true"`
 	Scope        string `json:"scope,omitempty"`
 	CertFile     string `json:"certFile,omitempty"`
 	KeyFile      string `json:"keyFile,omitempty"`
@@ -189,3 +189,6 @@ func (s *settings) applyAuth(a *AuthConfig) error {
 		return fmt.Errorf("unknown type %q (want none, bearer, oauth2-client-credentials, mtls)", a.Type)
 	}
 }
+
+// SecretFields lists the config fields (JSON names) that hold secrets, for redacted output.
+func SecretFields() []string { return providers.SecretFields(Config{}) }

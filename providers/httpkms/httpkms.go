@@ -42,13 +42,13 @@ const (
 
 // Provider is one configured http provider.
 type Provider struct {
-	id, desc string
-	s        *settings
-	client   *http.Client
-	log      *slog.Logger
-	cache    *jwkcache.Cache
-	digest   atomic.Bool
-	tokens   *tokenSource
+	providers.Base
+	s      *settings
+	client *http.Client
+	log    *slog.Logger
+	cache  *jwkcache.Cache
+	digest atomic.Bool
+	tokens *tokenSource
 	// retryBackoff is the pause before retry n (1-based); bounded so a call never doubles its
 	// timeout budget.
 	retryBackoff []time.Duration
@@ -79,7 +79,7 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	client := &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error {
 		return http.ErrUseLastResponse
 	}}
-	p := &Provider{id: cfg.ID, desc: cfg.Description, s: s, client: client,
+	p := &Provider{Base: providers.NewBase(providers.TypeHTTP, cfg.ID, cfg.Description), s: s, client: client,
 		log: logger.With("provider", cfg.ID, "type", providers.TypeHTTP), cache: jwkcache.New(),
 		retryBackoff: []time.Duration{100 * time.Millisecond, 300 * time.Millisecond}}
 	if s.oauth != nil {
@@ -94,10 +94,6 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	return p, nil
 }
 
-func (p *Provider) ID() string          { return p.id }
-func (p *Provider) Type() string        { return providers.TypeHTTP }
-func (p *Provider) Description() string { return p.desc }
-
 // Capabilities: the contract has no digest signing, so CanSignDigest is true only when the
 // remote advertised kmsgate's digest extension (or the config forces it).
 func (p *Provider) Capabilities() providers.Capabilities {
@@ -107,7 +103,7 @@ func (p *Provider) Capabilities() providers.Capabilities {
 }
 
 func (p *Provider) fail(kind errs.Kind, op, msg string, cause error) *errs.Error {
-	return &errs.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
+	return &errs.Error{Kind: kind, Provider: p.ID(), Op: op, Msg: msg, Err: cause}
 }
 
 // RemoteName is the name a tenant's key gets on the remote KMS. The remote contract has no
@@ -167,9 +163,6 @@ func (p *Provider) parsePublic(op string, body []byte) (*ecdsa.PublicKey, error)
 // fail with a conflict or, worse, silently replace the key.
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
 	const op = "generate"
-	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
-		return providers.KeyRef{}, err
-	}
 	if spec.KID == "" {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid is required", nil)
 	}
@@ -183,7 +176,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		return providers.KeyRef{}, err
 	}
 	p.cache.Put(name, pub)
-	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
+	return providers.KeyRef{ProviderID: p.ID(), Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
 		ExternalID: name, Public: pub}, nil
 }
 
@@ -193,9 +186,6 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 	if !p.s.canImport {
 		return providers.KeyRef{}, p.fail(errs.NotSupported, op,
 			"this http provider is configured without import (canImport:false)", nil)
-	}
-	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
-		return providers.KeyRef{}, err
 	}
 	if spec.KID == "" || priv == nil {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid and private key are required", nil)
@@ -218,7 +208,7 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 		return providers.KeyRef{}, p.fail(errs.Internal, op, "remote answered import with a different public key", nil)
 	}
 	p.cache.Put(name, pub)
-	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
+	return providers.KeyRef{ProviderID: p.ID(), Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
 		ExternalID: name, Public: pub}, nil
 }
 
@@ -252,9 +242,6 @@ func (p *Provider) PublicKey(_ context.Context, ref providers.KeyRef) (*ecdsa.Pu
 
 func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg string, msg []byte) ([]byte, error) {
 	const op = "sign"
-	if err := providers.CheckES256(p.id, op, alg); err != nil {
-		return nil, err
-	}
 	d := sha256.Sum256(msg)
 	return p.sign(ctx, op, ref, map[string]string{"data": base64.StdEncoding.EncodeToString(msg), "alg": providers.ES256}, d[:])
 }
@@ -264,9 +251,6 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 	if !p.digest.Load() {
 		return nil, p.fail(errs.NotSupported, op,
 			"the remote KMS does not advertise kmsgate's digest extension; send the whole message", nil)
-	}
-	if err := providers.CheckES256(p.id, op, alg); err != nil {
-		return nil, err
 	}
 	if len(digest) != sha256.Size {
 		return nil, p.fail(errs.BadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)

@@ -45,7 +45,7 @@ type Config struct {
 	// token label.
 	Slot SlotRef `json:"slot"`
 	// PIN is the user PIN with placeholders already expanded. It is never logged.
-	PIN            string   `json:"pin"`
+	PIN            string   `json:"pin" secret:"true"`
 	ReadOnly       bool     `json:"readOnly"`
 	PoolSize       int      `json:"poolSize"`
 	AcquireTimeout Duration `json:"acquireTimeout"`
@@ -100,7 +100,7 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 
 // Provider is a providers.Provider backed by one PKCS#11 slot.
 type Provider struct {
-	id, desc string
+	providers.Base
 	readOnly bool
 	slot     *hsm.Slot
 	log      *slog.Logger
@@ -156,17 +156,14 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	if desc == "" {
 		desc = cfg.Description
 	}
-	return &Provider{id: cfg.ID, desc: desc, readOnly: c.ReadOnly, slot: slot, log: log}, nil
+	return &Provider{Base: providers.NewBase(providers.TypePKCS11, cfg.ID, desc), readOnly: c.ReadOnly, slot: slot, log: log}, nil
 }
 
 // ID implements providers.Provider.
-func (p *Provider) ID() string { return p.id }
 
 // Type implements providers.Provider.
-func (p *Provider) Type() string { return providers.TypePKCS11 }
 
 // Description implements providers.Provider.
-func (p *Provider) Description() string { return p.desc }
 
 // Capabilities implements providers.Provider.
 func (p *Provider) Capabilities() providers.Capabilities {
@@ -207,7 +204,7 @@ func (p *Provider) fail(op string, err error) error {
 		kind, msg = errs.Internal, "the token returned an invalid P-256 public key"
 	}
 	e := errs.Wrap(kind, err, msg)
-	e.Provider, e.Op = p.id, op
+	e.Provider, e.Op = p.ID(), op
 	if kind == errs.Unavailable {
 		e.RetryAfter = time.Second
 	}
@@ -221,9 +218,6 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if alg == "" {
 		alg = providers.ES256
 	}
-	if err := providers.CheckES256(p.id, "", alg); err != nil {
-		return providers.KeyRef{}, err
-	}
 	if spec.KID == "" {
 		return providers.KeyRef{}, errs.Errorf(errs.BadInput, "kid is required")
 	}
@@ -234,13 +228,13 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if err != nil {
 		return providers.KeyRef{}, p.fail("generate", err)
 	}
-	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: alg, ExternalID: k.ID, Public: pub}, nil
+	return providers.KeyRef{ProviderID: p.ID(), Tenant: spec.Tenant, KID: spec.KID, Alg: alg, ExternalID: k.ID, Public: pub}, nil
 }
 
 // Import implements providers.Provider: never supported, keys are born in the HSM.
 func (p *Provider) Import(context.Context, providers.KeySpec, *ecdsa.PrivateKey) (providers.KeyRef, error) {
 	e := errs.Errorf(errs.NotSupported, "pkcs11 keys must be generated inside the HSM; import is not supported")
-	e.Provider, e.Op = p.id, "import"
+	e.Provider, e.Op = p.ID(), "import"
 	return providers.KeyRef{}, e
 }
 
@@ -268,18 +262,12 @@ func (p *Provider) PublicKey(ctx context.Context, ref providers.KeyRef) (*ecdsa.
 
 // SignMessage implements providers.Provider: SHA-256 in Go, CKM_ECDSA in the token.
 func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg string, msg []byte) ([]byte, error) {
-	if err := providers.CheckES256(p.id, "", alg); err != nil {
-		return nil, err
-	}
 	d := sha256.Sum256(msg)
 	return p.sign(ctx, ref, d[:])
 }
 
 // SignDigest implements providers.Provider.
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
-	if err := providers.CheckES256(p.id, "", alg); err != nil {
-		return nil, err
-	}
 	if len(digest) != sha256.Size {
 		return nil, errs.Errorf(errs.BadInput, "ES256 digest must be 32 bytes, got %d", len(digest))
 	}
@@ -288,7 +276,8 @@ func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg str
 
 func (p *Provider) sign(ctx context.Context, ref providers.KeyRef, digest []byte) ([]byte, error) {
 	if ref.Alg != "" && ref.Alg != providers.ES256 {
-		return nil, providers.CheckES256(p.id, "", ref.Alg)
+		return nil, &errs.Error{Kind: errs.NotSupported, Provider: p.ID(), Op: "sign", Code: "unsupported_alg",
+			Msg: fmt.Sprintf("key %q has algorithm %q; only ES256 keys can sign", ref.KID, ref.Alg)}
 	}
 	sig, err := p.slot.Sign(ctx, keyOf(ref), digest)
 	if err != nil {
@@ -321,3 +310,6 @@ func (p *Provider) Slot() *hsm.Slot { return p.slot }
 
 // Close implements providers.Provider.
 func (p *Provider) Close() error { return p.slot.Close() }
+
+// SecretFields lists the config fields (JSON names) that hold secrets, for redacted output.
+func SecretFields() []string { return providers.SecretFields(Config{}) }

@@ -33,7 +33,7 @@ type Config struct {
 	providers.Common
 	VaultURL string `json:"vaultUrl"`
 	// VaultToken or VaultTokenFile (e.g. a Vault Agent sink) authenticates; exactly one is required.
-	VaultToken     string `json:"vaultToken,omitempty"`
+	VaultToken     string `json:"vaultToken,omitempty" secret:"true"`
 	VaultTokenFile string `json:"vaultTokenFile,omitempty"`
 	// MountPrefix is prepended to the tenant to name its transit mount (default "kmsgate-"; ""
 	// gives EUDIPLO's mount-per-tenant naming).
@@ -52,7 +52,7 @@ const (
 
 // Provider is one configured vault provider.
 type Provider struct {
-	id, desc    string
+	providers.Base
 	client      *api.Client
 	mountPrefix string
 	timeout     time.Duration
@@ -114,7 +114,7 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	p := &Provider{id: cfg.ID, desc: cfg.Description, client: client, mountPrefix: prefix, timeout: timeout,
+	p := &Provider{Base: providers.NewBase(providers.TypeVault, cfg.ID, cfg.Description), client: client, mountPrefix: prefix, timeout: timeout,
 		log: logger.With("provider", cfg.ID, "type", providers.TypeVault), cache: jwkcache.New(),
 		mounts: map[string]bool{}, stopped: make(chan struct{})}
 	p.tok.file, p.tok.checkEvery = c.VaultTokenFile, tokenFileCheckEvery
@@ -128,10 +128,6 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 	go p.renewLoop(rctx)
 	return p, nil
 }
-
-func (p *Provider) ID() string          { return p.id }
-func (p *Provider) Type() string        { return providers.TypeVault }
-func (p *Provider) Description() string { return p.desc }
 
 // Capabilities: import is off because Vault BYOK needs the key wrapped with Vault's wrapping key.
 func (p *Provider) Capabilities() providers.Capabilities {
@@ -147,7 +143,7 @@ func (p *Provider) Close() error {
 }
 
 func (p *Provider) fail(kind errs.Kind, op, msg string, cause error) *errs.Error {
-	return &errs.Error{Kind: kind, Provider: p.id, Op: op, Msg: msg, Err: cause}
+	return &errs.Error{Kind: kind, Provider: p.ID(), Op: op, Msg: msg, Err: cause}
 }
 
 // locate returns the mount and key name of a reference (ExternalID "mount/key", else derived).
@@ -260,9 +256,6 @@ func (p *Provider) withMount(ctx context.Context, mount string, fn func() error)
 
 func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (providers.KeyRef, error) {
 	const op = "generate"
-	if err := providers.CheckES256(p.id, op, spec.Alg); err != nil {
-		return providers.KeyRef{}, err
-	}
 	mount, key, err := p.names(spec)
 	if err != nil {
 		return providers.KeyRef{}, err
@@ -299,7 +292,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		return providers.KeyRef{}, err
 	}
 	p.cache.Put(ext, pub)
-	return providers.KeyRef{ProviderID: p.id, Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
+	return providers.KeyRef{ProviderID: p.ID(), Tenant: spec.Tenant, KID: spec.KID, Alg: providers.ES256,
 		ExternalID: ext, Public: pub}, nil
 }
 
@@ -392,17 +385,11 @@ func (p *Provider) readPublic(ctx context.Context, mount, key string) (*ecdsa.Pu
 }
 
 func (p *Provider) SignMessage(ctx context.Context, ref providers.KeyRef, alg string, msg []byte) ([]byte, error) {
-	if err := providers.CheckES256(p.id, "sign", alg); err != nil {
-		return nil, err
-	}
 	return p.sign(ctx, "sign", ref, msg, false)
 }
 
 func (p *Provider) SignDigest(ctx context.Context, ref providers.KeyRef, alg string, digest []byte) ([]byte, error) {
 	const op = "sign digest"
-	if err := providers.CheckES256(p.id, op, alg); err != nil {
-		return nil, err
-	}
 	if len(digest) != sha256.Size {
 		return nil, p.fail(errs.BadInput, op, fmt.Sprintf("digest must be %d bytes, got %d", sha256.Size, len(digest)), nil)
 	}
@@ -492,7 +479,7 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 		if status == 0 {
 			// The network error names Vault's address: it goes to the log, the health answer only
 			// says what is wrong.
-			p.log.Warn("vault health probe failed", "provider", p.id, "error", errString(err))
+			p.log.Warn("vault health probe failed", "provider", p.ID(), "error", errString(err))
 			h.Error = "vault unreachable"
 		} else {
 			h.Error = fmt.Sprintf("vault is not serving requests: %s (sys/health answered %d)", healthState(status), status)
@@ -505,10 +492,10 @@ func (p *Provider) Health(ctx context.Context) providers.Health {
 	}
 	if _, err := p.client.Auth().Token().LookupSelfWithContext(ctx); err != nil {
 		if s, msg := statusOf(err); s == http.StatusForbidden || s == http.StatusUnauthorized {
-			p.log.Warn("vault token lookup refused", "provider", p.id, "error", msg)
+			p.log.Warn("vault token lookup refused", "provider", p.ID(), "error", msg)
 			h.Error = "vault token expired or revoked"
 		} else {
-			p.log.Warn("vault token lookup failed", "provider", p.id, "error", errString(err))
+			p.log.Warn("vault token lookup failed", "provider", p.ID(), "error", errString(err))
 			h.Error = "vault token lookup failed"
 		}
 		return h
@@ -550,3 +537,6 @@ func healthState(status int) string {
 	}
 	return "unhealthy"
 }
+
+// SecretFields lists the config fields (JSON names) that hold secrets, for redacted output.
+func SecretFields() []string { return providers.SecretFields(Config{}) }

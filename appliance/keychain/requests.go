@@ -1,0 +1,52 @@
+package keychain
+
+import (
+	"unicode/utf8"
+)
+
+func validateDescription(d *string) error {
+	if d == nil {
+		return nil
+	}
+	if !utf8.ValidString(*d) || utf8.RuneCountInString(*d) > MaxDescriptionLen {
+		return badRequest("validation_failed", "description must be valid UTF-8 of at most %d characters", MaxDescriptionLen)
+	}
+	return nil
+}
+
+func validateUsage(u string) error {
+	if !ValidUsageType(u) {
+		return badRequest("validation_failed", "usageType must be one of access, attestation, trustList, statusList, encrypt (got %q)", u)
+	}
+	return nil
+}
+
+func validatePolicy(p *PolicyInput, requireEnabled bool) error {
+	if p == nil {
+		return nil
+	}
+	if requireEnabled && p.Enabled == nil {
+		return badRequest("validation_failed", "rotationPolicy.enabled is required")
+	}
+	for name, v := range map[string]*int{"intervalDays": p.IntervalDays, "certValidityDays": p.CertValidityDays} {
+		if v != nil && (*v < MinDays || *v > MaxDays) {
+			return badRequest("validation_failed", "rotationPolicy.%s must be between %d and %d (got %d)", name, MinDays, MaxDays, *v)
+		}
+	}
+	return nil
+}
+
+func (p *PolicyInput) apply(dst *Policy) {
+	if p == nil {
+		return
+	}
+	if p.Enabled != nil {
+		dst.Enabled = *p.Enabled
+	}
+	if p.IntervalDays != nil {
+		dst.IntervalDays = *p.IntervalDays
+	}
+	if p.CertValidityDays != nil {
+		dst.CertValidityDays = *p.CertValidityDays
+	}
+}

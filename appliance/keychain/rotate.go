@@ -1,0 +1,220 @@
+package keychain
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/kmsgate/kmsgate/appliance/keys"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/providers"
+)
+
+// Rotate replaces the active key and certificate now (POST /rotate). trigger labels the metric.
+func (s *Service) Rotate(ctx context.Context, tenant, id, trigger string) (err error) {
+	defer func() {
+		if s.m != nil {
+			res := "ok"
+			if err != nil {
+				res = "error"
+			}
+			s.m.RotationsTotal.WithLabelValues(trigger, res).Inc()
+		}
+	}()
+	defer s.lock(tenant, id)()
+	c, err := s.load(ctx, tenant, id)
+	if err != nil {
+		return err
+	}
+	return s.rotateLocked(ctx, c)
+}
+
+// rotateIfDue re-checks under the chain lock that the chain is still due (a manual rotation or an
+// update may have happened since the scheduler listed it) and rotates it.
+func (s *Service) rotateIfDue(ctx context.Context, tenant, id string) (done bool, err error) {
+	defer s.lock(tenant, id)()
+	c, err := s.load(ctx, tenant, id)
+	if err != nil {
+		if errs.KindOf(err) == errs.NotFound {
+			return false, nil // deleted meanwhile
+		}
+		return false, err
+	}
+	if next, ok := c.nextRotation(); !ok || s.now().Before(next) {
+		return false, nil
+	}
+	err = s.rotateLocked(ctx, c)
+	if s.m != nil {
+		res := "ok"
+		if err != nil {
+			res = "error"
+		}
+		s.m.RotationsTotal.WithLabelValues("scheduled", res).Inc()
+	}
+	return err == nil, err
+}
+
+// rotateLocked rotates c. Order matters for "a failed rotation leaves the chain as it was": the
+// new key and certificate are made first, then one store write switches over; any failure
+// before the write deletes the new key and leaves the record untouched.
+func (s *Service) rotateLocked(ctx context.Context, c *Chain) error {
+	prov, err := s.reg.Get(c.Provider)
+	if err != nil {
+		return err
+	}
+	if !prov.Capabilities().CanCreate {
+		return cannotCreate(prov)
+	}
+	now := s.now()
+	kid := s.rotationKID(c, now)
+	ks := s.lc.Begin()
+	nk, nref, err := s.newKey(ctx, c, prov, kid, ks)
+	if err != nil {
+		ks.Rollback()
+		return err
+	}
+	certPEM := ""
+	if c.Usage != KeyUseEncrypt {
+		certPEM, err = s.leafFor(ctx, c, prov, nref)
+		if err != nil {
+			ks.Rollback()
+			return err
+		}
+	}
+	next := *c
+	older := c.Previous
+	prev := c.Active
+	exp := now.Add(s.grace)
+	next.Previous, next.PreviousCertificate, next.PreviousKeyExpiry = &prev, c.ActiveCertificate, &exp
+	next.Active, next.ActiveCertificate = nk, certPEM
+	next.LastRotatedAt = &now
+	next.UpdatedAt = now
+	if err := ks.Commit(func() error { return s.save(ctx, &next) }); err != nil {
+		return err
+	}
+	*c = next
+	// Only one previous slot: the key it held is no longer published, so delete it now instead of
+	// leaking it in the backend (EUDIPLO never deletes).
+	if older != nil {
+		if err := s.deleteKey(ctx, c.Tenant, *older); err != nil {
+			s.log.Warn("rotation: could not delete the older previous key", "chain", c.ID, "kid", older.KID, "err", err)
+		}
+	}
+	return nil
+}
+
+// rotationKID is <id>-<epochMillis>, bumped when a clock has not moved since the last rotation so
+// kids never repeat within a chain.
+func (s *Service) rotationKID(c *Chain, now time.Time) string {
+	ms := now.UnixMilli()
+	for {
+		kid := c.ID + "-" + strconv.FormatInt(ms, 10)
+		used := kid == c.Active.KID || (c.Previous != nil && kid == c.Previous.KID) || (c.Root != nil && kid == c.Root.KID)
+		if !used {
+			return kid
+		}
+		ms++
+	}
+}
+
+// leafFor certifies a new active key: by the root for internal chains, self-signed otherwise.
+func (s *Service) leafFor(ctx context.Context, c *Chain, prov providers.Provider, ref providers.KeyRef) (string, error) {
+	name, err := s.tenantName(ctx, c.Tenant)
+	if err != nil {
+		return "", err
+	}
+	spec := certSpec{commonName: name, days: c.certValidityDays(), subjectPub: ref.Public, now: s.now()}
+	by := s.signerOf(prov, ref)
+	rootPEM := ""
+	if c.Type() == TypeInternalChain {
+		roots, err := parsePEMChain(c.RootCertificate)
+		if err != nil {
+			return "", fmt.Errorf("stored root certificate of chain %s is unreadable: %w", c.ID, err)
+		}
+		if len(roots) == 0 {
+			return "", fmt.Errorf("stored root certificate of chain %s holds no certificate", c.ID)
+		}
+		rref, err := keys.ProviderRef(*c.Root, c.Tenant)
+		if err != nil {
+			return "", err
+		}
+		spec.issuer, by, rootPEM = roots[0], s.signerOf(prov, rref), c.RootCertificate
+	}
+	leaf, err := s.prof.issue(ctx, spec, by)
+	if err != nil {
+		return "", fmt.Errorf("leaf certificate: %w", err)
+	}
+	return joinPEM(pemOf(leaf), rootPEM), nil
+}
+
+// expirePrevious deletes a previous key whose grace period is over: first in its backend, then
+// from the record. If the backend refuses, the record keeps it so the next tick retries; it is no
+// longer published either way because JWKS filters on the expiry.
+func (s *Service) expirePrevious(ctx context.Context, tenant, id string) error {
+	defer s.lock(tenant, id)()
+	c, err := s.load(ctx, tenant, id)
+	if err != nil {
+		return err
+	}
+	if c.Previous == nil || c.PreviousKeyExpiry == nil || s.now().Before(*c.PreviousKeyExpiry) {
+		return nil
+	}
+	if err := s.deleteKey(ctx, tenant, *c.Previous); err != nil {
+		return err
+	}
+	c.Previous, c.PreviousCertificate, c.PreviousKeyExpiry = nil, "", nil
+	c.UpdatedAt = s.now()
+	return s.save(ctx, c)
+}
+
+// Tick runs one scheduler pass: rotates due chains and deletes expired previous keys. Errors are
+// logged per chain and never stop the pass. It returns the number of rotations.
+func (s *Service) Tick(ctx context.Context) int {
+	chains, err := s.list(ctx, prefixChain)
+	if err != nil {
+		s.log.Error("rotation scheduler: list key chains", "err", err)
+		return 0
+	}
+	rotated := 0
+	for _, c := range chains {
+		if ctx.Err() != nil {
+			return rotated
+		}
+		now := s.now()
+		if next, ok := c.nextRotation(); ok && !now.Before(next) {
+			done, err := s.rotateIfDue(ctx, c.Tenant, c.ID)
+			switch {
+			case err != nil:
+				s.log.Error("rotation scheduler: rotation failed", "tenant", c.Tenant, "chain", c.ID, "err", err)
+			case done:
+				rotated++
+				s.log.Info("rotation scheduler: rotated key chain", "tenant", c.Tenant, "chain", c.ID)
+			}
+		}
+		if c.Previous != nil && c.PreviousKeyExpiry != nil && !now.Before(*c.PreviousKeyExpiry) {
+			if err := s.expirePrevious(ctx, c.Tenant, c.ID); err != nil {
+				s.log.Warn("rotation scheduler: could not delete an expired previous key", "tenant", c.Tenant,
+					"chain", c.ID, "err", err)
+			}
+		}
+	}
+	return rotated
+}
+
+// RunScheduler calls Tick every interval (default 1 h) until ctx ends.
+func (s *Service) RunScheduler(ctx context.Context, every time.Duration) {
+	if every <= 0 {
+		every = time.Hour
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		s.Tick(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
