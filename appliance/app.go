@@ -107,7 +107,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		o.Out = os.Stderr
 	}
 	a := &Appliance{opts: o, log: o.Logger}
-	kms, err := config.LoadKMS(o.ConfigDir, o.Lookup)
+	kms, err := config.LoadKMS(o.ConfigDir, o.Lookup, ProviderCatalog())
 	if err != nil {
 		return nil, err
 	}

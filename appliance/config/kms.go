@@ -8,8 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/kmsgate/kmsgate/providers"
@@ -24,6 +27,18 @@ type KMS struct {
 	Providers       []providers.Config
 	// Source is the file it was read from, or "" for the built-in default.
 	Source string
+
+	catalog Catalog
+}
+
+// Catalog describes the provider types the binary implements: each type's secret config fields
+// (JSON names, at any depth of the entry). The composition root derives it from the same table as
+// the provider factories, so a new provider type is known and its secrets redacted without a list
+// here.
+type Catalog map[string][]string
+
+func (c Catalog) types() string {
+	return strings.Join(slices.Sorted(maps.Keys(c)), ", ")
 }
 
 type fileShape struct {
@@ -31,13 +46,9 @@ type fileShape struct {
 	Providers       []json.RawMessage `json:"providers"`
 }
 
-// knownTypes are the provider types kmsgate implements.
-var knownTypes = map[string]bool{providers.TypeDB: true, providers.TypePKCS11: true,
-	providers.TypeVault: true, providers.TypeAWSKMS: true, providers.TypeHTTP: true}
-
 // Default is the configuration used when there is no kms.json: a single db provider.
-func Default() *KMS {
-	return &KMS{DefaultProvider: "db", Providers: []providers.Config{dbEntry()}}
+func Default(catalog Catalog) *KMS {
+	return &KMS{DefaultProvider: "db", Providers: []providers.Config{dbEntry()}, catalog: catalog}
 }
 
 func dbEntry() providers.Config {
@@ -46,16 +57,16 @@ func dbEntry() providers.Config {
 }
 
 // LoadKMS reads <dir>/kms.json. A missing file yields Default().
-func LoadKMS(dir string, lookup LookupFunc) (*KMS, error) {
+func LoadKMS(dir string, lookup LookupFunc, catalog Catalog) (*KMS, error) {
 	path := filepath.Join(dir, FileName)
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) || dir == "" {
-		return Default(), nil
+		return Default(catalog), nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
-	k, err := ParseKMS(data, lookup)
+	k, err := ParseKMS(data, lookup, catalog)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -63,8 +74,8 @@ func LoadKMS(dir string, lookup LookupFunc) (*KMS, error) {
 	return k, nil
 }
 
-// ParseKMS parses and validates kms.json content.
-func ParseKMS(data []byte, lookup LookupFunc) (*KMS, error) {
+// ParseKMS parses and validates kms.json content; catalog names the provider types that exist.
+func ParseKMS(data []byte, lookup LookupFunc, catalog Catalog) (*KMS, error) {
 	var f fileShape
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
@@ -74,7 +85,7 @@ func ParseKMS(data []byte, lookup LookupFunc) (*KMS, error) {
 	if dec.More() {
 		return nil, errors.New("invalid kms.json: trailing data after the top-level object")
 	}
-	k := &KMS{DefaultProvider: "db"}
+	k := &KMS{DefaultProvider: "db", catalog: catalog}
 	if f.DefaultProvider != nil {
 		dp, err := ExpandString(*f.DefaultProvider, lookup)
 		if err != nil {
@@ -96,8 +107,8 @@ func ParseKMS(data []byte, lookup LookupFunc) (*KMS, error) {
 		if typ == "" {
 			return nil, fmt.Errorf("provider %q: field \"type\" is required and must be a string", id)
 		}
-		if !knownTypes[typ] {
-			return nil, fmt.Errorf("provider %q: field \"type\": unknown type %q (known: db, pkcs11, vault, aws-kms, http)", id, typ)
+		if _, ok := catalog[typ]; !ok {
+			return nil, fmt.Errorf("provider %q: field \"type\": unknown type %q (known: %s)", id, typ, catalog.types())
 		}
 		if seen[id] {
 			return nil, fmt.Errorf("providers[%d]: field \"id\": duplicate provider id %q", i, id)
@@ -144,10 +155,6 @@ func ids(ps []providers.Config) []string {
 	return out
 }
 
-// secretFields are provider fields whose values are never printed.
-var secretFields = map[string]bool{"pin": true, "vaulttoken": true, "secretaccesskey": true, "apikey": true,
-	"token": true, "clientsecret": true, "password": true, "accesskeyid": true, "sessiontoken": true}
-
 // Redacted returns the effective configuration as JSON with every secret replaced by "<redacted>".
 func (k *KMS) Redacted() ([]byte, error) {
 	type out struct {
@@ -164,7 +171,11 @@ func (k *KMS) Redacted() ([]byte, error) {
 		if err := json.Unmarshal(p.Raw, &tree); err != nil {
 			return nil, err
 		}
-		o.Providers = append(o.Providers, redact(tree))
+		secrets := map[string]bool{}
+		for _, f := range k.catalog[p.Type] {
+			secrets[strings.ToLower(f)] = true
+		}
+		o.Providers = append(o.Providers, redact(tree, secrets))
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
@@ -176,29 +187,63 @@ func (k *KMS) Redacted() ([]byte, error) {
 	return bytes.TrimRight(buf.Bytes(), "\n"), nil
 }
 
-func redact(v any) any {
+// redact replaces the values of the provider's secret fields, and credentials carried inside any
+// URL (userinfo, query values), which an operator may have put in a URL field instead.
+func redact(v any, secrets map[string]bool) any {
 	switch t := v.(type) {
 	case map[string]any:
 		m := make(map[string]any, len(t))
 		for k, e := range t {
-			if secretFields[strings.ToLower(k)] {
+			if secrets[strings.ToLower(k)] {
 				if s, ok := e.(string); ok && s == "" {
 					m[k] = ""
 				} else {
-					m[k] = "<redacted>"
+					m[k] = redacted
 				}
 				continue
 			}
-			m[k] = redact(e)
+			m[k] = redact(e, secrets)
 		}
 		return m
 	case []any:
 		out := make([]any, len(t))
 		for i, e := range t {
-			out[i] = redact(e)
+			out[i] = redact(e, secrets)
 		}
 		return out
+	case string:
+		return redactURL(t)
 	default:
 		return v
 	}
+}
+
+const redacted = "<redacted>"
+
+// redactURL hides the password of a URL's userinfo and every query value; anything that is not an
+// absolute URL with a host is returned as it is.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.Scheme == "" || u.Host == "" || (u.User == nil && u.RawQuery == "") {
+		return s
+	}
+	if u.User != nil {
+		if _, hasPass := u.User.Password(); hasPass {
+			u.User = url.UserPassword(u.User.Username(), redacted)
+		} else {
+			u.User = url.User(redacted)
+		}
+	}
+	if u.RawQuery != "" {
+		q := u.Query()
+		for k := range q {
+			q[k] = []string{redacted}
+		}
+		u.RawQuery = q.Encode()
+	}
+	out, err := url.PathUnescape(u.String())
+	if err != nil {
+		return u.String()
+	}
+	return out
 }

@@ -51,7 +51,7 @@ func TestParseKMSPlaceholdersAndDefaults(t *testing.T) {
 	  {"id":"main-vault","type":"vault","vaultUrl":"${VAULT_URL}","vaultToken":"${VAULT_TOKEN}"},
 	  {"id":"hsm","type":"pkcs11","library":"/usr/lib/softhsm/libsofthsm2.so","slot":0,"pin":"${HSM_USER:cu}:${HSM_PASS}","readOnly":false}]}`
 	k, err := ParseKMS([]byte(src), env(map[string]string{"VAULT_URL": "http://127.0.0.1:8200", "VAULT_TOKEN": "s.secret",
-		"HSM_PASS": "1234"}))
+		"HSM_PASS": "1234"}), testCatalog)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +98,7 @@ func TestParseKMSErrors(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			_, err := ParseKMS([]byte(c.src), env(nil))
+			_, err := ParseKMS([]byte(c.src), env(nil), testCatalog)
 			if err == nil || !strings.Contains(err.Error(), c.wantSub) {
 				t.Fatalf("want error containing %q, got %v", c.wantSub, err)
 			}
@@ -107,7 +107,7 @@ func TestParseKMSErrors(t *testing.T) {
 }
 
 func TestLoadKMSMissingFileIsDefault(t *testing.T) {
-	k, err := LoadKMS(t.TempDir(), env(nil))
+	k, err := LoadKMS(t.TempDir(), env(nil), testCatalog)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +118,43 @@ func TestLoadKMSMissingFileIsDefault(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, FileName), []byte(`{"providers":[{"id":"x","type":"nope"}]}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := LoadKMS(dir, env(nil)); err == nil || !strings.Contains(err.Error(), filepath.Join(dir, FileName)) {
+	if _, err := LoadKMS(dir, env(nil), testCatalog); err == nil || !strings.Contains(err.Error(), filepath.Join(dir, FileName)) {
 		t.Fatalf("error must name the file: %v", err)
+	}
+}
+
+// testCatalog stands in for the composition root's provider table (appliance.ProviderCatalog,
+// tested there against the real provider packages).
+var testCatalog = Catalog{"db": nil, "pkcs11": {"pin"}, "vault": {"vaultToken"},
+	"aws-kms": {"accessKeyId", "secretAccessKey"}, "http": {"apiKey", "clientSecret", "token"}}
+
+func TestRedactedUsesTheCatalogAndHidesURLCredentials(t *testing.T) {
+	cat := Catalog{"db": nil, "newkms": {"signingSecret"}}
+	src := `{"providers":[{"id":"n","type":"newkms","signingSecret":"s3cr3t-value",
+	  "nested":{"signingSecret":"nested-s3cr3t"},
+	  "endpoint":"https://admin:pa55word@kms.example:8443/v1?token=qu3ry-s3cr3t&region=eu",
+	  "mirror":"https://only-user-t0ken@mirror.example/","plain":"https://kms.example/v1"}]}`
+	k, err := ParseKMS([]byte(src), env(nil), cat)
+	if err != nil {
+		t.Fatal(err)
+	}
+	red, err := k.Redacted()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, secret := range []string{"s3cr3t-value", "nested-s3cr3t", "pa55word", "qu3ry-s3cr3t", "only-user-t0ken"} {
+		if strings.Contains(string(red), secret) {
+			t.Errorf("redacted config leaks %q:\n%s", secret, red)
+		}
+	}
+	for _, kept := range []string{"https://admin:<redacted>@kms.example:8443/v1?", "region=<redacted>",
+		"https://<redacted>@mirror.example/", "https://kms.example/v1"} {
+		if !strings.Contains(string(red), kept) {
+			t.Errorf("redacted config lost %q:\n%s", kept, red)
+		}
+	}
+	if _, err := ParseKMS([]byte(`{"providers":[{"id":"x","type":"vault"}]}`), env(nil), cat); err == nil ||
+		!strings.Contains(err.Error(), "known: db, newkms") {
+		t.Errorf("unknown type error does not name the catalog's types: %v", err)
 	}
 }
