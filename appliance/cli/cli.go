@@ -63,7 +63,9 @@ func NewRootCmd(bi BuildInfo) *cobra.Command {
 	root.PersistentFlags().StringVar(&g.dataDir, "data-dir", envOr("KMSGATE_DATA_DIR", "/var/lib/kmsgate"),
 		"directory of the embedded store (env KMSGATE_DATA_DIR)")
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", envOr("KMSGATE_LOG_LEVEL", "info"), "debug, info, warn or error")
-	loadKMS := func() (*config.KMS, error) { return config.LoadKMS(g.configDir, os.LookupEnv, appliance.ProviderCatalog()) }
+	loadKMS := func() (*config.KMS, error) {
+		return config.LoadKMS(g.configDir, os.LookupEnv, appliance.ProviderCatalog())
+	}
 	root.AddCommand(newServeCmd(g, bi), newVersionCmd(bi), newConfigCmd(loadKMS), newTenantCmd(g), newAdminCmd(g),
 		newHSMCmd(), newDoctorCmd(loadKMS))
 	return root
