@@ -757,7 +757,7 @@ func TestDefaultEnvFile(t *testing.T) {
 	}
 	root := repoRoot(t)
 	var src strings.Builder
-	for _, dir := range []string{".", "appliance", "appliance/seal", "appliance/config"} {
+	for _, dir := range []string{".", "appliance", "appliance/cli", "appliance/seal", "appliance/config"} {
 		files, _ := filepath.Glob(filepath.Join(root, dir, "*.go"))
 		for _, f := range files {
 			if strings.HasSuffix(f, "_test.go") {
