@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kmsgate/kmsgate/appliance/cli"
+	"github.com/kmsgate/kmsgate/internal/testenv"
 )
 
 // TestReadmeBlocks runs the README's shell walk-throughs verbatim (only the port differs) against
@@ -48,6 +49,9 @@ func readmeBlock(t *testing.T, marker string) string {
 }
 
 func runReadmeBlock(t *testing.T, marker string) string {
+	for _, tool := range []string{"bash", "curl", "jq", "openssl"} {
+		testenv.NeedsBackend(t, tool)
+	}
 	script := readmeBlock(t, marker)
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

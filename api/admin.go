@@ -29,14 +29,6 @@ func (s *Server) adminCreateTenant(c *fiber.Ctx) error {
 	if err := tenants.ValidateRoles(req.Roles); err != nil {
 		return problem(fiber.StatusBadRequest, "invalid_roles", err.Error())
 	}
-	for _, id := range append(req.AllowedProviders, req.DefaultProvider) {
-		if id == "" {
-			continue
-		}
-		if _, err := s.Registry.Get(id); err != nil {
-			return err
-		}
-	}
 	res, err := s.Tenants.CreateTenant(c.UserContext(), req)
 	if errors.Is(err, tenants.ErrTenantExists) {
 		return problem(fiber.StatusConflict, "tenant_exists", "tenant "+req.ID+" already exists")

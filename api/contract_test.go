@@ -18,6 +18,7 @@ import (
 
 	"github.com/kmsgate/kmsgate/internal/apptest"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
+	"github.com/kmsgate/kmsgate/internal/testenv"
 )
 
 type pubResp struct {
@@ -120,6 +121,7 @@ func TestGenerateSignVerifyRestart(t *testing.T) {
 }
 
 func TestOpenSSLVerifiesDERSignature(t *testing.T) {
+	testenv.NeedsBackend(t, "openssl")
 	in := apptest.Start(t, apptest.Options{})
 	key := in.CreateTenant("acme")
 	generate(t, in, key, "demo")
@@ -411,6 +413,7 @@ func TestMetricsUseRouteTemplates(t *testing.T) {
 		t.Fatal("metrics leak a kid or an API key")
 	}
 	// promtool lints the exposition format (naming, _total suffixes, help text).
+	testenv.NeedsBackend(t, "promtool")
 	f := filepath.Join(t.TempDir(), "metrics.txt")
 	os.WriteFile(f, body, 0o600)
 	out, err := exec.Command("sh", "-c", "promtool check metrics < "+f).CombinedOutput()

@@ -143,7 +143,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		return nil, err
 	}
 	a.registerProviderMetrics()
-	if a.tenants, err = tenants.New(ctx, a.store); err != nil {
+	if a.tenants, err = tenants.New(ctx, a.store, tenants.WithProviders(func() ([]string, error) { return a.registry.IDs(), nil })); err != nil {
 		a.Close()
 		return nil, err
 	}

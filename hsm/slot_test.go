@@ -69,6 +69,7 @@ func opensslVerify(t *testing.T, pub *ecdsa.PublicKey, msg, raw []byte) {
 	pubPath := write("pub.pem", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: spki}))
 	sigPath := write("sig.der", der)
 	msgPath := write("msg.bin", msg)
+	testenv.NeedsBackend(t, "openssl")
 	out, err := exec.Command("openssl", "dgst", "-sha256", "-verify", pubPath, "-signature", sigPath, msgPath).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "Verified OK") {
 		t.Fatalf("openssl rejects the signature: %v\n%s", err, out)
@@ -235,6 +236,7 @@ func TestWrongPINStopsRetrying(t *testing.T) {
 }
 
 func TestLibraryErrors(t *testing.T) {
+	testenv.NeedsBackend(t, "softhsm2")
 	dir := t.TempDir()
 	cases := map[string]struct {
 		path string

@@ -6,9 +6,8 @@ package packaging_test
 // systemd tools), and — with the packaged binary — the shipped kms.json files and the SoftHSM2
 // example end to end through `kmsgate doctor`.
 //
-// If the module does not compile (other packages mid-change), the package is built around a
-// stand-in executable instead and every check that needs the real binary is reported in the log,
-// not run; set KMSGATE_PACKAGING_REQUIRE_BINARY=1 to make that a failure. KMSGATE_PACKAGING_BIN
+// A module that does not compile, or a missing tool (dpkg-deb, dpkg, systemd-analyze, softhsm2-util),
+// fails the tests; under `go test -short` they are skipped (testenv.NeedsBackend). KMSGATE_PACKAGING_BIN
 // names a prebuilt binary to package instead (stamped with -X main.version=v1.2.3-4-gabcdef0-dirty).
 
 import (
@@ -28,6 +27,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/kmsgate/kmsgate/internal/testenv"
 )
 
 const rawVersion = "v1.2.3-4-gabcdef0-dirty"
@@ -76,11 +77,9 @@ func mustRun(t *testing.T, dir string, env []string, name string, args ...string
 
 // pkg is the package built once for all tests.
 type pkg struct {
-	deb      string // path of the .deb
-	tree     string // dpkg-deb -x
-	control  string // dpkg-deb -e
-	realBin  bool   // built from the module, not a stand-in
-	buildLog string
+	deb     string // path of the .deb
+	tree    string // dpkg-deb -x
+	control string // dpkg-deb -e
 }
 
 var (
@@ -113,6 +112,9 @@ func debArch() string {
 
 func build(t *testing.T) *pkg {
 	t.Helper()
+	for _, tool := range []string{"dpkg-deb", "dpkg"} {
+		testenv.NeedsBackend(t, tool)
+	}
 	buildOnce.Do(func() {
 		built, buildErr = doBuild()
 		if built == nil && buildErr == nil {
@@ -136,7 +138,7 @@ func doBuild() (*pkg, error) {
 		return nil, err
 	}
 	buildDir = dir
-	p := &pkg{realBin: true}
+	p := &pkg{}
 	bin := filepath.Join(dir, "kmsgate")
 	gobin := "go"
 	cmd := exec.Command(gobin, "build", "-o", bin, "-ldflags", "-X main.version="+rawVersion+" -X main.commit=abcdef0",
@@ -147,25 +149,8 @@ func doBuild() (*pkg, error) {
 	}
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		if os.Getenv("KMSGATE_PACKAGING_REQUIRE_BINARY") != "" {
-			return nil, fmt.Errorf("go build: %v\n%s", err, out)
-		}
-		// Fallback: package this test binary (an ELF executable of the right architecture).
-		p.realBin = false
-		p.buildLog = fmt.Sprintf("go build failed (%v), packaging a stand-in executable:\n%s", err, out)
-		self, err := os.Executable()
-		if err != nil {
-			return nil, err
-		}
-		b, err := os.ReadFile(self)
-		if err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(bin, b, 0o755); err != nil {
-			return nil, err
-		}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("build the kmsgate binary to package: %v\n%s", err, out)
 	}
 	dist := filepath.Join(dir, "dist")
 	cmd = exec.Command(filepath.Join(root, "packaging", "build-deb.sh"), bin, rawVersion)
@@ -187,16 +172,8 @@ func doBuild() (*pkg, error) {
 	return p, nil
 }
 
-func needRealBinary(t *testing.T, p *pkg) bool {
-	t.Helper()
-	if !p.realBin {
-		t.Logf("NOT CHECKED (needs the real binary): %s", p.buildLog)
-		return false
-	}
-	return true
-}
-
 func TestDebianVersionSanitizing(t *testing.T) {
+	testenv.NeedsBackend(t, "dpkg")
 	script := filepath.Join(repoRoot(t), "packaging", "build-deb.sh")
 	for in, want := range map[string]string{
 		"18b7711-dirty":           "0.0.0~git18b7711.dirty",
@@ -250,7 +227,7 @@ func TestControlFields(t *testing.T) {
 	if len(deps) == 0 || !strings.HasPrefix(deps[0], "libc6") {
 		t.Errorf("Depends %q does not start with libc6", f["Depends"])
 	}
-	if p.realBin && !regexp.MustCompile(`^libc6 \(>= 2\.\d+\)$`).MatchString(deps[0]) {
+	if !regexp.MustCompile(`^libc6 \(>= 2\.\d+\)$`).MatchString(deps[0]) {
 		t.Errorf("Depends %q: a cgo binary needs a versioned libc6 dependency", f["Depends"])
 	}
 	if !contains(deps, "passwd") {
@@ -347,13 +324,9 @@ func TestFileListAndModes(t *testing.T) {
 	if strings.Contains(listing, "master-key") {
 		t.Error("the package ships a master-key file")
 	}
-	if p.realBin {
-		out := mustRun(t, "", nil, filepath.Join(p.tree, "usr/bin/kmsgate"), "version")
-		if !strings.Contains(out, rawVersion) {
-			t.Errorf("packaged binary: `kmsgate version` = %q, want it to contain %s", out, rawVersion)
-		}
-	} else {
-		needRealBinary(t, p)
+	out := mustRun(t, "", nil, filepath.Join(p.tree, "usr/bin/kmsgate"), "version")
+	if !strings.Contains(out, rawVersion) {
+		t.Errorf("packaged binary: `kmsgate version` = %q, want it to contain %s", out, rawVersion)
 	}
 }
 
@@ -537,13 +510,8 @@ func systemdRoot(t *testing.T, p *pkg, withDropins bool) string {
 }
 
 func TestSystemdAnalyze(t *testing.T) {
+	testenv.NeedsBackend(t, "systemd-analyze")
 	p := build(t)
-	if _, err := exec.LookPath("systemd-analyze"); err != nil {
-		// TestUnitHardening already checked the unit's directives and syntax; what is missing
-		// here is systemd's own parser.
-		t.Log("NOT CHECKED: systemd-analyze is not installed (Debian package systemd)")
-		return
-	}
 	for _, withDropins := range []bool{false, true} {
 		root := systemdRoot(t, p, withDropins)
 		out, errOut, err := run(t, "", nil, "systemd-analyze", "verify", "--root="+root, "kmsgate.service")
@@ -741,9 +709,6 @@ func TestMaintainerScripts(t *testing.T) {
 // TestShippedConfigs loads the packaged kms.json and every example with the packaged binary.
 func TestShippedConfigs(t *testing.T) {
 	p := build(t)
-	if !needRealBinary(t, p) {
-		return
-	}
 	kmsgate := filepath.Join(p.tree, "usr/bin/kmsgate")
 	secrets := []string{"pin-7f3a9c", "cu-pw-7f3a9c", "AKIA7F3A9C", "aws-secret-7f3a9c"}
 	env := []string{"HSM_PIN=" + secrets[0], "CLOUDHSM_USER=cu", "CLOUDHSM_PASSWORD=" + secrets[1], "AWS_REGION=eu-west-1",
@@ -792,7 +757,7 @@ func TestDefaultEnvFile(t *testing.T) {
 	}
 	root := repoRoot(t)
 	var src strings.Builder
-	for _, dir := range []string{".", "appliance", "appliance/seal", "appliance/config"} {
+	for _, dir := range []string{".", "appliance", "appliance/cli", "appliance/seal", "appliance/config"} {
 		files, _ := filepath.Glob(filepath.Join(root, dir, "*.go"))
 		for _, f := range files {
 			if strings.HasSuffix(f, "_test.go") {
@@ -830,10 +795,8 @@ func TestDefaultEnvFile(t *testing.T) {
 // TestSoftHSMExampleDoctor runs `kmsgate doctor` from the package against a fresh SoftHSM2
 // token with the shipped kms.json.pkcs11, as README.Debian tells operators to.
 func TestSoftHSMExampleDoctor(t *testing.T) {
+	testenv.NeedsBackend(t, "softhsm2")
 	p := build(t)
-	if !needRealBinary(t, p) {
-		return
-	}
 	kmsgate := filepath.Join(p.tree, "usr/bin/kmsgate")
 	// README.Debian and the examples tell operators to run these.
 	for _, cmd := range [][]string{{"doctor", "--help"}, {"hsm", "slots", "--help"}} {

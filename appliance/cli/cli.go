@@ -211,7 +211,17 @@ func withOffline(g *globalFlags, fn func(ctx context.Context, ts *tenants.Servic
 	}
 	defer st.Close()
 	ctx := context.Background()
-	ts, err := tenants.New(ctx, st)
+	ts, err := tenants.New(ctx, st, tenants.WithProviders(func() ([]string, error) {
+		k, err := config.LoadKMS(g.configDir, os.LookupEnv, appliance.ProviderCatalog())
+		if err != nil {
+			return nil, err
+		}
+		ids := make([]string, 0, len(k.Providers))
+		for _, p := range k.Providers {
+			ids = append(ids, p.ID)
+		}
+		return ids, nil
+	}))
 	if err != nil {
 		return err
 	}

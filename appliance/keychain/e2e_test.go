@@ -27,6 +27,7 @@ import (
 	"github.com/kmsgate/kmsgate/internal/apptest"
 	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
+	"github.com/kmsgate/kmsgate/internal/testenv"
 	"github.com/kmsgate/kmsgate/providers"
 )
 
@@ -73,10 +74,7 @@ func certsOf(t *testing.T, pemStr string) []*x509.Certificate {
 
 func opensslVerifyChain(t *testing.T, at time.Time, root *x509.Certificate, leaf *x509.Certificate) {
 	t.Helper()
-	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Log("openssl not installed; skipping openssl verify")
-		return
-	}
+	testenv.NeedsBackend(t, "openssl")
 	dir := t.TempDir()
 	w := func(n string, c *x509.Certificate) string {
 		p := filepath.Join(dir, n)

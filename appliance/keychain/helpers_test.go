@@ -26,6 +26,7 @@ import (
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
+	"github.com/kmsgate/kmsgate/internal/testenv"
 	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/db"
@@ -215,9 +216,7 @@ func skiOf(t *testing.T, c *x509.Certificate) []byte {
 // anchor; partial lets a non-self-signed or leaf anchor be trusted.
 func opensslVerify(t *testing.T, at time.Time, anchor *x509.Certificate, leaf *x509.Certificate, partial bool) {
 	t.Helper()
-	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Fatal("openssl is required for the certificate tests: apt-get install -y openssl")
-	}
+	testenv.NeedsBackend(t, "openssl")
 	dir := t.TempDir()
 	write := func(name string, c *x509.Certificate) string {
 		p := filepath.Join(dir, name)

@@ -182,16 +182,19 @@ func (s *Store) Update(_ context.Context, fn func(*Txn) error) error {
 	return err
 }
 
+// badgerLogger hands Badger's warnings and errors to slog. Badger's text is the log message and
+// component=badger marks its origin: a "msg" attribute would duplicate the record's own "msg" key,
+// which most JSON log pipelines reject or silently collapse.
 type badgerLogger struct{ l *slog.Logger }
 
 func (b badgerLogger) Errorf(f string, a ...any) {
 	if b.l != nil {
-		b.l.Error("badger", "msg", fmt.Sprintf(f, a...))
+		b.l.Error(strings.TrimSpace(fmt.Sprintf(f, a...)), "component", "badger")
 	}
 }
 func (b badgerLogger) Warningf(f string, a ...any) {
 	if b.l != nil {
-		b.l.Warn("badger", "msg", fmt.Sprintf(f, a...))
+		b.l.Warn(strings.TrimSpace(fmt.Sprintf(f, a...)), "component", "badger")
 	}
 }
 func (b badgerLogger) Infof(string, ...any)  {}

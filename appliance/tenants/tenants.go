@@ -64,10 +64,24 @@ var idRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 // ValidID reports whether id is a valid tenant id: 1–64 of [A-Za-z0-9._-], starting alphanumeric.
 func ValidID(id string) bool { return idRe.MatchString(id) }
 
+// ProviderIDs lists the ids of the configured providers. The service calls it only when a tenant
+// names providers, so a caller may load the configuration lazily (the offline CLI reads kms.json,
+// whose placeholders need secrets in the environment, only when it must).
+type ProviderIDs func() ([]string, error)
+
+// Option configures a Service.
+type Option func(*Service)
+
+// WithProviders tells the service which provider ids exist, so that a tenant's allow-list and
+// default provider are checked when it is created. Without it no provider id is known and a tenant
+// that names one is refused.
+func WithProviders(ids ProviderIDs) Option { return func(s *Service) { s.providerIDs = ids } }
+
 // Service manages tenants and credentials.
 type Service struct {
-	st  *store.Store
-	now func() time.Time
+	st          *store.Store
+	now         func() time.Time
+	providerIDs ProviderIDs
 
 	mu    sync.RWMutex
 	creds map[string]*activeCred // by credential id; revoked ones removed
@@ -86,8 +100,11 @@ func newActiveCred(c *store.Credential) *activeCred {
 }
 
 // New loads every active credential into memory.
-func New(ctx context.Context, st *store.Store) (*Service, error) {
+func New(ctx context.Context, st *store.Store, opts ...Option) (*Service, error) {
 	s := &Service{st: st, now: time.Now, creds: map[string]*activeCred{}}
+	for _, o := range opts {
+		o(s)
+	}
 	if err := s.Reload(ctx); err != nil {
 		return nil, err
 	}
@@ -202,6 +219,9 @@ func (s *Service) CreateTenant(ctx context.Context, req CreateTenantRequest) (*C
 	if err := ValidateRoles(roles); err != nil {
 		return nil, err
 	}
+	if err := s.validateProviders(req.AllowedProviders, req.DefaultProvider); err != nil {
+		return nil, err
+	}
 	t := store.Tenant{ID: req.ID, Name: req.Name, AllowedProviders: req.AllowedProviders,
 		DefaultProvider: req.DefaultProvider, CreatedAt: s.now().UTC()}
 	key, cred, err := s.mint(req.ID, roles, "initial")
@@ -225,6 +245,34 @@ func (s *Service) CreateTenant(ctx context.Context, req CreateTenantRequest) (*C
 	}
 	s.remember(cred)
 	return &CreateTenantResult{ID: t.ID, Name: t.Name, APIKey: key, Roles: roles}, nil
+}
+
+// validateProviders refuses provider ids that are not configured, and a default provider that the
+// tenant's own allow-list excludes: such a tenant could never use its default.
+func (s *Service) validateProviders(allowed []string, def string) error {
+	if len(allowed) == 0 && def == "" {
+		return nil
+	}
+	var known []string
+	if s.providerIDs != nil {
+		ids, err := s.providerIDs()
+		if err != nil {
+			return fmt.Errorf("cannot check the tenant's providers against the configuration: %w", err)
+		}
+		known = ids
+	}
+	for _, id := range append(slices.Clone(allowed), def) {
+		if id != "" && !slices.Contains(known, id) {
+			sorted := slices.Sorted(slices.Values(known))
+			return errs.Errorf(errs.BadInput, "unknown provider %q (configured: %s)", id, strings.Join(sorted, ", ")).
+				WithCode("unknown_provider")
+		}
+	}
+	if def != "" && len(allowed) > 0 && !slices.Contains(allowed, def) {
+		return errs.Errorf(errs.BadInput, "default provider %q is not in the tenant's allowed providers %v", def, allowed).
+			WithCode("default_provider_not_allowed")
+	}
+	return nil
 }
 
 // EnsureTenant creates the tenant without a credential if it does not exist (config-folder import).

@@ -78,6 +78,7 @@ func RequirePrivateNetNS(t testing.TB) {
 // test ends. It refuses to run outside a private loopback-only network namespace.
 func StartLocalKMS(t testing.TB) *LocalKMS {
 	t.Helper()
+	NeedsBackend(t, "local-kms")
 	RequirePrivateNetNS(t)
 	addr := loopbackAddr(t)
 	_, port, _ := net.SplitHostPort(addr)

@@ -1,6 +1,7 @@
 // Package testenv starts the real backends (Vault, local-kms, SoftHSM2) that provider tests run
-// against. Helpers fail the test with a fix hint when a tool is missing; they never skip, because
-// a skipped backend test is a silently untested provider.
+// against. Helpers fail the test with a fix hint when a tool is missing; they skip only under
+// `go test -short` (see NeedsBackend), because otherwise a skipped backend test is a silently
+// untested provider.
 package testenv
 
 import (
@@ -55,6 +56,7 @@ func VaultBinary(t testing.TB) string {
 // it when the test ends.
 func StartVault(t testing.TB) *Vault {
 	t.Helper()
+	NeedsBackend(t, "vault")
 	var tok [16]byte
 	_, _ = rand.Read(tok[:])
 	v := &Vault{bin: VaultBinary(t), Token: "root-" + hex.EncodeToString(tok[:]), listen: loopbackAddr(t),

@@ -276,6 +276,7 @@ func opensslVerify(t *testing.T, pub *ecdsa.PublicKey, msg, raw []byte) {
 			t.Fatal(err)
 		}
 	}
+	testenv.NeedsBackend(t, "openssl")
 	out, err := exec.Command("openssl", "dgst", "-sha256", "-verify", filepath.Join(dir, "pub.pem"),
 		"-signature", filepath.Join(dir, "sig.der"), filepath.Join(dir, "msg.bin")).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "Verified OK") {
