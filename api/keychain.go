@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"strings"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -70,17 +71,19 @@ func (s *Server) mountKeyChains(app *fiber.App) {
 	})
 }
 
-// chainID is the :id of the route, or the id resolved from :usage by kcUsage.
+// chainID is the :id of the route, or the id resolved from :usage by kcUsage. The param is
+// cloned: the service keys its per-chain locks and caches by it, and Fiber's params point into a
+// reused request buffer.
 func chainID(c *fiber.Ctx) string {
 	if id, ok := c.Locals("keyChainID").(string); ok {
 		return id
 	}
-	return c.Params("id")
+	return strings.Clone(c.Params("id"))
 }
 
 func (s *Server) kcUsage(next fiber.Handler) fiber.Handler {
 	return func(c *fiber.Ctx) error {
-		id, err := s.KeyChains.ResolveUsage(c.UserContext(), principal(c).TenantID, c.Params("usage"))
+		id, err := s.KeyChains.ResolveUsage(c.UserContext(), principal(c).TenantID, strings.Clone(c.Params("usage")))
 		if err != nil {
 			return err
 		}
@@ -115,7 +118,7 @@ func (s *Server) kcProvidersHealth(c *fiber.Ctx) error {
 }
 
 func (s *Server) kcList(c *fiber.Ctx) error {
-	res, err := s.KeyChains.List(c.UserContext(), principal(c).TenantID, c.Query("usageType"))
+	res, err := s.KeyChains.List(c.UserContext(), principal(c).TenantID, strings.Clone(c.Query("usageType")))
 	if err != nil {
 		return err
 	}

@@ -47,6 +47,9 @@ type Deps struct {
 type Server struct {
 	Deps
 	log *slog.Logger
+	// routes maps each registered route template to itself: the metrics label is the route
+	// table's own string, never one built from the request.
+	routes map[string]string
 }
 
 const localPrincipal = "principal"
@@ -74,7 +77,16 @@ func New(d Deps) *fiber.App {
 	app.Use(func(c *fiber.Ctx) error {
 		return problem(fiber.StatusNotFound, "route_not_found", "no route "+c.Method()+" "+c.Path())
 	})
+	s.indexRoutes(app)
 	return app
+}
+
+// indexRoutes records the route table once every route is registered.
+func (s *Server) indexRoutes(app *fiber.App) {
+	s.routes = map[string]string{}
+	for _, r := range app.GetRoutes() {
+		s.routes[r.Path] = r.Path
+	}
 }
 
 // NewAdmin builds the app served on the local admin socket: admin routes only, and every request is
@@ -87,6 +99,7 @@ func NewAdmin(d Deps) *fiber.App {
 		return c.Next()
 	})
 	s.mountAdmin(adm)
+	s.indexRoutes(app)
 	return app
 }
 
@@ -126,8 +139,8 @@ func (s *Server) observe(c *fiber.Ctx) error {
 		}
 		status = c.Response().StatusCode()
 	}
-	route := c.Route().Path
-	if status == fiber.StatusNotFound && (route == "/" || route == "") {
+	route, known := s.routes[c.Route().Path]
+	if !known || (status == fiber.StatusNotFound && (route == "/" || route == "")) {
 		route = "unmatched"
 	}
 	method := metrics.HTTPMethod(c.Method())
