@@ -242,12 +242,24 @@ func (o Options) tlsConfig() (*tls.Config, error) {
 	return cfg, nil
 }
 
-// Serve serves on ln until ctx is cancelled.
+// Serve serves on ln until ctx is cancelled. Every listener it was handed or opened is closed
+// when it returns, also when start-up fails half-way, so a failed start never keeps the port.
 func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	tcfg, err := a.opts.tlsConfig()
 	if err != nil {
 		ln.Close()
 		return err
+	}
+	var sockLn net.Listener
+	if a.opts.AdminSocket != "-" {
+		p := a.opts.SocketPath()
+		_ = os.Remove(p) // a stale socket from a crash; Badger's lock already proved we are alone
+		l, err := listenUnixPrivate(p)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("admin socket %s: %w", p, err)
+		}
+		sockLn = l
 	}
 	ln = lingerListener{ln}
 	if tcfg != nil {
@@ -260,29 +272,19 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	go a.startKeyChainScheduler(bg)
 
 	errc := make(chan error, 2)
-	var sockLn net.Listener
-	if a.opts.AdminSocket != "-" {
-		p := a.opts.SocketPath()
-		_ = os.Remove(p) // a stale socket from a crash; Badger's lock already proved we are alone
-		l, err := net.Listen("unix", p)
-		if err != nil {
-			return fmt.Errorf("admin socket %s: %w", p, err)
-		}
-		if err := os.Chmod(p, 0o600); err != nil {
-			l.Close()
-			return fmt.Errorf("admin socket permissions: %w", err)
-		}
-		sockLn = l
-		go func() { errc <- a.admin.Listener(l) }()
+	if sockLn != nil {
+		go func() { errc <- a.admin.Listener(sockLn) }()
 	}
 	a.log.Info("kmsgate serving", "listen", ln.Addr().String(), "providers", a.registry.IDs(),
 		"defaultProvider", a.registry.DefaultID(), "version", a.opts.Version)
 	go func() { errc <- a.app.Listener(ln) }()
+	var serveErr error
 	select {
 	case <-ctx.Done():
-	case err := <-errc:
-		if err != nil {
-			return fmt.Errorf("http server: %w", err)
+	case serveErr = <-errc:
+		// One server stopped on its own: shut the others down too rather than leave them serving.
+		if serveErr != nil {
+			serveErr = fmt.Errorf("http server: %w", serveErr)
 		}
 	}
 	grace := a.opts.ShutdownGrace
@@ -295,7 +297,7 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		_ = a.admin.ShutdownWithTimeout(grace)
 		_ = os.Remove(a.opts.SocketPath())
 	}
-	return err
+	return errors.Join(serveErr, err)
 }
 
 func (a *Appliance) gcLoop(ctx context.Context) {

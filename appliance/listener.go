@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -53,4 +54,19 @@ func (c *lingerConn) Close() error {
 		}()
 	})
 	return err
+}
+
+// umaskMu serialises changes of the process-wide umask.
+var umaskMu sync.Mutex
+
+// listenUnixPrivate creates a Unix socket that only the owner can connect to from the moment it
+// exists: the umask is narrowed around bind instead of chmod-ing afterwards, which would leave a
+// window where anyone could connect. 077 (not 177) so that a directory another goroutine happens to
+// create meanwhile still gets its x bit; on a socket only the w bit matters for connect.
+func listenUnixPrivate(path string) (net.Listener, error) {
+	umaskMu.Lock()
+	defer umaskMu.Unlock()
+	old := syscall.Umask(0o077)
+	defer syscall.Umask(old)
+	return net.Listen("unix", path)
 }
