@@ -59,6 +59,10 @@ type Options struct {
 	TLSCert     string
 	TLSKey      string
 	TLSClientCA string
+	// MaxConns and MaxConnsPerIP cap concurrent connections on the listener, in total and per
+	// client IP (0: DefaultMaxConns / DefaultMaxConnsPerIP; negative: no cap).
+	MaxConns      int
+	MaxConnsPerIP int
 }
 
 // Appliance is a running kmsgate.
@@ -266,7 +270,8 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		sockLn = l
 	}
-	ln = lingerListener{ln}
+	ln = newCapListener(lingerListener{ln}, orDefault(a.opts.MaxConns, DefaultMaxConns),
+		orDefault(a.opts.MaxConnsPerIP, DefaultMaxConnsPerIP))
 	if tcfg != nil {
 		ln = tls.NewListener(ln, tcfg)
 	}
@@ -303,6 +308,17 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		_ = os.Remove(a.opts.SocketPath())
 	}
 	return errors.Join(serveErr, err)
+}
+
+// orDefault maps 0 to def and a negative value to 0 (no limit).
+func orDefault(v, def int) int {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return 0
+	}
+	return v
 }
 
 func (a *Appliance) gcLoop(ctx context.Context) {

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,6 +33,15 @@ type BuildInfo struct {
 
 func envOr(name, def string) string {
 	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+// envInt reads an integer variable; a malformed value is ignored so the flag default applies and
+// the flag parser reports nothing surprising.
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
 		return v
 	}
 	return def
@@ -127,6 +137,10 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.StringVar(&o.TLSKey, "tls-key", os.Getenv("KMSGATE_TLS_KEY"), "PEM private key for HTTPS (env KMSGATE_TLS_KEY)")
 	f.StringVar(&o.TLSClientCA, "tls-client-ca", os.Getenv("KMSGATE_TLS_CLIENT_CA"), "require client certificates signed by this PEM CA (mTLS; env KMSGATE_TLS_CLIENT_CA)")
 	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
+	f.IntVar(&o.MaxConns, "max-conns", envInt("KMSGATE_MAX_CONNS", appliance.DefaultMaxConns),
+		"cap on concurrent connections; further ones are closed at once (negative: no cap; env KMSGATE_MAX_CONNS)")
+	f.IntVar(&o.MaxConnsPerIP, "max-conns-per-ip", envInt("KMSGATE_MAX_CONNS_PER_IP", appliance.DefaultMaxConnsPerIP),
+		"cap on concurrent connections from one client IP (negative: no cap; env KMSGATE_MAX_CONNS_PER_IP)")
 	return cmd
 }
 
