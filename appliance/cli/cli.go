@@ -107,6 +107,11 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 			o.Logger = g.logger(cmd.ErrOrStderr())
 			o.Out = cmd.OutOrStdout()
 			o.MasterKeyEnv = os.Getenv("KMSGATE_MASTER_KEY")
+			// Scrub it once read: the environment is inherited by children and readable in
+			// /proc/<pid>/environ for the process's whole life.
+			if err := os.Unsetenv("KMSGATE_MASTER_KEY"); err != nil {
+				return fmt.Errorf("scrub KMSGATE_MASTER_KEY from the environment: %w", err)
+			}
 			o.CredsDir = os.Getenv("CREDENTIALS_DIRECTORY")
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
