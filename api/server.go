@@ -22,10 +22,34 @@ import (
 // certificate chain, well under 1 MiB.
 const DefaultBodyLimit = 1 << 20
 
-// HealthChecker reports provider health (cached by the appliance so probes cannot be amplified).
+// HealthChecker reports provider health. The appliance probes in the background, at most one probe
+// in flight per provider, so callers cannot turn /health into a probe flood.
 type HealthChecker interface {
-	Check(ctx context.Context, ids []string) []providers.HealthReport
+	// Check answers from a result at most about a second old, joining or starting the provider's
+	// single in-flight probe when the last one is older (authenticated callers).
+	Check(ctx context.Context, ids []string) []ProviderHealth
+	// Last answers from the last result whatever its age; it waits only while a provider has never
+	// been probed (anonymous callers).
+	Last(ctx context.Context, ids []string) []ProviderHealth
 }
+
+// ProviderHealth is one provider's health as callers see it: a stable code and a short reason,
+// never the backend's own error text (it can carry URLs and network details; the log has it).
+type ProviderHealth struct {
+	ProviderID string `json:"providerId"`
+	Type       string `json:"type"`
+	OK         bool   `json:"ok"`
+	LatencyMs  int64  `json:"latencyMs"`
+	Code       string `json:"code,omitempty"`
+	Error      string `json:"error,omitempty"`
+}
+
+// Health codes of a failing provider.
+const (
+	HealthTimeout   = "probe_timeout"
+	HealthFailed    = "backend_unhealthy"
+	HealthNotProbed = "not_probed"
+)
 
 // TenantHook runs after a tenant is created (key-chain bootstrap).
 type TenantHook func(ctx context.Context, tenantID string) error

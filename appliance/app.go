@@ -63,6 +63,8 @@ type Options struct {
 	// client IP (0: DefaultMaxConns / DefaultMaxConnsPerIP; negative: no cap).
 	MaxConns      int
 	MaxConnsPerIP int
+	// HealthInterval is how often providers are probed in the background (default 15s).
+	HealthInterval time.Duration
 }
 
 // Appliance is a running kmsgate.
@@ -151,7 +153,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		return nil, err
 	}
 	a.keys = keys.New(a.store, a.registry, a.metrics, a.log)
-	a.health = newHealthMonitor(a.registry, a.metrics)
+	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
 		Logger: a.log}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
@@ -277,7 +279,11 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
-	go a.health.run(bg, 15*time.Second)
+	healthEvery := a.opts.HealthInterval
+	if healthEvery <= 0 {
+		healthEvery = DefaultHealthInterval
+	}
+	go a.health.run(bg, healthEvery)
 	go a.gcLoop(bg)
 	go a.startKeyChainScheduler(bg)
 
