@@ -65,6 +65,8 @@ type Deps struct {
 	KeyChains       KeyChainService
 	OnTenantCreated TenantHook
 	BodyLimit       int
+	// MetricsElsewhere leaves /metrics off this app: the appliance serves it on its own listener.
+	MetricsElsewhere bool
 }
 
 // Server holds the API's dependencies.
@@ -83,7 +85,9 @@ const localPrincipal = "principal"
 func New(d Deps) *fiber.App {
 	s := &Server{Deps: d, log: d.Logger}
 	app := s.newApp()
-	app.Get("/metrics", adaptor.HTTPHandler(d.Metrics.Handler()))
+	if !d.MetricsElsewhere {
+		app.Get("/metrics", adaptor.HTTPHandler(d.Metrics.Handler()))
+	}
 	app.Get("/healthz", func(c *fiber.Ctx) error { return c.JSON(fiber.Map{"ok": true}) })
 	app.Get("/health", s.optionalAuth, s.health)
 

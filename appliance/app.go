@@ -11,9 +11,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -65,6 +67,8 @@ type Options struct {
 	MaxConnsPerIP int
 	// HealthInterval is how often providers are probed in the background (default 15s).
 	HealthInterval time.Duration
+	// MetricsListen, when set, serves /metrics on this address only (not on Listen).
+	MetricsListen string
 }
 
 // Appliance is a running kmsgate.
@@ -84,6 +88,9 @@ type Appliance struct {
 
 	keyChains       *keychain.Service
 	onTenantCreated api.TenantHook
+
+	mu          sync.Mutex
+	metricsAddr string
 }
 
 // DBDir is where Badger lives under the data dir.
@@ -155,7 +162,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.keys = keys.New(a.store, a.registry, a.metrics, a.log)
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
-		Logger: a.log}
+		Logger: a.log, MetricsElsewhere: o.MetricsListen != ""}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err
@@ -185,6 +192,14 @@ func (a *Appliance) checkMasterKey(ctx context.Context) error {
 			"start with the original KMSGATE_MASTER_KEY / master-key file")
 	}
 	return nil
+}
+
+// MetricsAddr is the address /metrics is served on when MetricsListen is set, once Serve has
+// opened it ("" before).
+func (a *Appliance) MetricsAddr() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.metricsAddr
 }
 
 // App is the public HTTP app (tests drive it with app.Test).
@@ -272,6 +287,21 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		sockLn = l
 	}
+	var metricsLn net.Listener
+	if a.opts.MetricsListen != "" {
+		l, err := net.Listen("tcp", a.opts.MetricsListen)
+		if err != nil {
+			ln.Close()
+			if sockLn != nil {
+				sockLn.Close()
+			}
+			return fmt.Errorf("metrics listener %s: %w", a.opts.MetricsListen, err)
+		}
+		metricsLn = l
+		a.mu.Lock()
+		a.metricsAddr = l.Addr().String()
+		a.mu.Unlock()
+	}
 	ln = newCapListener(lingerListener{ln}, orDefault(a.opts.MaxConns, DefaultMaxConns),
 		orDefault(a.opts.MaxConnsPerIP, DefaultMaxConnsPerIP))
 	if tcfg != nil {
@@ -287,9 +317,23 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	go a.gcLoop(bg)
 	go a.startKeyChainScheduler(bg)
 
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	if sockLn != nil {
 		go func() { errc <- a.admin.Listener(sockLn) }()
+	}
+	var metricsSrv *http.Server
+	if metricsLn != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", a.metrics.Handler())
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+			WriteTimeout: 30 * time.Second, IdleTimeout: 120 * time.Second}
+		go func() {
+			err := metricsSrv.Serve(metricsLn)
+			if errors.Is(err, http.ErrServerClosed) {
+				err = nil
+			}
+			errc <- err
+		}()
 	}
 	a.log.Info("kmsgate serving", "listen", ln.Addr().String(), "providers", a.registry.IDs(),
 		"defaultProvider", a.registry.DefaultID(), "version", a.opts.Version)
@@ -312,6 +356,11 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	if sockLn != nil {
 		_ = a.admin.ShutdownWithTimeout(grace)
 		_ = os.Remove(a.opts.SocketPath())
+	}
+	if metricsSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), grace)
+		_ = metricsSrv.Shutdown(sctx)
+		cancel()
 	}
 	return errors.Join(serveErr, err)
 }

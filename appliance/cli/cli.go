@@ -142,6 +142,8 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.StringVar(&o.TLSKey, "tls-key", os.Getenv("KMSGATE_TLS_KEY"), "PEM private key for HTTPS (env KMSGATE_TLS_KEY)")
 	f.StringVar(&o.TLSClientCA, "tls-client-ca", os.Getenv("KMSGATE_TLS_CLIENT_CA"), "require client certificates signed by this PEM CA (mTLS; env KMSGATE_TLS_CLIENT_CA)")
 	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
+	f.StringVar(&o.MetricsListen, "metrics-listen", os.Getenv("KMSGATE_METRICS_LISTEN"),
+		"serve /metrics only on this address (e.g. 127.0.0.1:9090) instead of the main listener (env KMSGATE_METRICS_LISTEN)")
 	f.IntVar(&o.MaxConns, "max-conns", envInt("KMSGATE_MAX_CONNS", appliance.DefaultMaxConns),
 		"cap on concurrent connections; further ones are closed at once (negative: no cap; env KMSGATE_MAX_CONNS)")
 	f.IntVar(&o.MaxConnsPerIP, "max-conns-per-ip", envInt("KMSGATE_MAX_CONNS_PER_IP", appliance.DefaultMaxConnsPerIP),
