@@ -65,6 +65,8 @@ type Deps struct {
 	KeyChains       KeyChainService
 	OnTenantCreated TenantHook
 	BodyLimit       int
+	// Limits are the per-credential rate limits.
+	Limits RateLimits
 	// MetricsElsewhere leaves /metrics off this app: the appliance serves it on its own listener.
 	MetricsElsewhere bool
 }
@@ -76,6 +78,8 @@ type Server struct {
 	// routes maps each registered route template to itself: the metrics label is the route
 	// table's own string, never one built from the request.
 	routes map[string]string
+
+	createLimit, signLimit *limiterSet
 }
 
 const localPrincipal = "principal"
@@ -83,7 +87,8 @@ const localPrincipal = "principal"
 // New builds the public app: contract face, key-chain API, admin API (admin credential), health
 // and metrics.
 func New(d Deps) *fiber.App {
-	s := &Server{Deps: d, log: d.Logger}
+	s := &Server{Deps: d, log: d.Logger, createLimit: newLimiterSet(d.Limits.CreateRate, d.Limits.CreateBurst),
+		signLimit: newLimiterSet(d.Limits.SignRate, d.Limits.SignBurst)}
 	app := s.newApp()
 	if !d.MetricsElsewhere {
 		app.Get("/metrics", adaptor.HTTPHandler(d.Metrics.Handler()))
@@ -92,10 +97,10 @@ func New(d Deps) *fiber.App {
 	app.Get("/health", s.optionalAuth, s.health)
 
 	k := app.Group("/keys", s.auth)
-	k.Post("/", s.requireRole(tenants.RoleManage), s.generate)
+	k.Post("/", s.limited(s.createLimit, s.requireRole(tenants.RoleManage), s.generate)...)
 	k.Get("/:kid", s.requireAnyRole(tenants.RoleSign, tenants.RoleManage), s.getKey)
-	k.Post("/:kid/sign", s.requireRole(tenants.RoleSign), s.sign)
-	k.Post("/:kid/import", s.requireRole(tenants.RoleManage), s.importKey)
+	k.Post("/:kid/sign", s.limited(s.signLimit, s.requireRole(tenants.RoleSign), s.sign)...)
+	k.Post("/:kid/import", s.limited(s.createLimit, s.requireRole(tenants.RoleManage), s.importKey)...)
 	k.Delete("/:kid", s.requireRole(tenants.RoleManage), s.deleteKey)
 
 	s.mountKeyChains(app)

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -67,6 +68,13 @@ type Options struct {
 	MaxConnsPerIP int
 	// HealthInterval is how often providers are probed in the background (default 15s).
 	HealthInterval time.Duration
+	// CreateRate and CreateBurst bound key and key-chain creation per credential (0: 10/s burst
+	// 50; a negative rate: no limit). SignRate bounds signing per credential (0: no limit) with
+	// SignBurst (0: one second's worth).
+	CreateRate  float64
+	CreateBurst int
+	SignRate    float64
+	SignBurst   int
 	// MetricsListen, when set, serves /metrics on this address only (not on Listen).
 	MetricsListen string
 }
@@ -162,7 +170,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.keys = keys.New(a.store, a.registry, a.metrics, a.log)
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
-		Logger: a.log, MetricsElsewhere: o.MetricsListen != ""}
+		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits()}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err
@@ -363,6 +371,27 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		cancel()
 	}
 	return errors.Join(serveErr, err)
+}
+
+// Default per-credential creation rate: far above what an issuer does by hand or at start-up, low
+// enough that one leaked key cannot fill an HSM in seconds.
+const (
+	DefaultCreateRate  = 10
+	DefaultCreateBurst = 50
+)
+
+func (o Options) rateLimits() api.RateLimits {
+	l := api.RateLimits{CreateRate: o.CreateRate, CreateBurst: o.CreateBurst, SignRate: o.SignRate, SignBurst: o.SignBurst}
+	if l.CreateRate == 0 {
+		l.CreateRate = DefaultCreateRate
+	}
+	if l.CreateBurst == 0 {
+		l.CreateBurst = DefaultCreateBurst
+	}
+	if l.SignBurst == 0 {
+		l.SignBurst = int(math.Ceil(l.SignRate))
+	}
+	return l
 }
 
 // orDefault maps 0 to def and a negative value to 0 (no limit).

@@ -47,6 +47,13 @@ func envInt(name string, def int) int {
 	return def
 }
 
+func envFloat(name string, def float64) float64 {
+	if v, err := strconv.ParseFloat(os.Getenv(name), 64); err == nil {
+		return v
+	}
+	return def
+}
+
 func envBool(name string) bool {
 	v := strings.ToLower(os.Getenv(name))
 	return v == "1" || v == "true" || v == "yes"
@@ -144,6 +151,14 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
 	f.StringVar(&o.MetricsListen, "metrics-listen", os.Getenv("KMSGATE_METRICS_LISTEN"),
 		"serve /metrics only on this address (e.g. 127.0.0.1:9090) instead of the main listener (env KMSGATE_METRICS_LISTEN)")
+	f.Float64Var(&o.CreateRate, "create-rate", envFloat("KMSGATE_CREATE_RATE", appliance.DefaultCreateRate),
+		"key and key-chain creations per second per API key (negative: no limit; env KMSGATE_CREATE_RATE)")
+	f.IntVar(&o.CreateBurst, "create-burst", envInt("KMSGATE_CREATE_BURST", appliance.DefaultCreateBurst),
+		"creations an API key may make at once before --create-rate applies (env KMSGATE_CREATE_BURST)")
+	f.Float64Var(&o.SignRate, "sign-rate", envFloat("KMSGATE_SIGN_RATE", 0),
+		"signing requests per second per API key (0: no limit; env KMSGATE_SIGN_RATE)")
+	f.IntVar(&o.SignBurst, "sign-burst", envInt("KMSGATE_SIGN_BURST", 0),
+		"signing requests an API key may make at once (0: one second's worth of --sign-rate; env KMSGATE_SIGN_BURST)")
 	f.IntVar(&o.MaxConns, "max-conns", envInt("KMSGATE_MAX_CONNS", appliance.DefaultMaxConns),
 		"cap on concurrent connections; further ones are closed at once (negative: no cap; env KMSGATE_MAX_CONNS)")
 	f.IntVar(&o.MaxConnsPerIP, "max-conns-per-ip", envInt("KMSGATE_MAX_CONNS_PER_IP", appliance.DefaultMaxConnsPerIP),
