@@ -108,12 +108,12 @@ func TestMetricsLabelsStayClosedUnderMixedTraffic(t *testing.T) {
 		}
 	}
 
-	body := scrape(t, in)
+	scrape(t, in)
 	// A second scrape after more traffic: the duplicate-series failure showed up on later scrapes.
 	for _, m := range methods {
 		rawRequest(t, addr, m, "/healthz")
 	}
-	body = scrape(t, in)
+	body := scrape(t, in)
 
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	fams, err := parser.TextToMetricFamilies(bytes.NewReader(body))
