@@ -315,9 +315,9 @@ func (s *Server) sign(c *fiber.Ctx) error {
 }
 
 type healthResponse struct {
-	OK         bool                     `json:"ok"`
-	Providers  []providers.HealthReport `json:"providers,omitempty"`
-	Extensions []string                 `json:"extensions"`
+	OK         bool             `json:"ok"`
+	Providers  []ProviderHealth `json:"providers,omitempty"`
+	Extensions []string         `json:"extensions"`
 }
 
 // health answers 200 while the caller's providers are healthy and 503 otherwise. An anonymous
@@ -332,7 +332,12 @@ func (s *Server) health(c *fiber.Ctx) error {
 		}
 		ids = t.AllowedProviders
 	}
-	reports := s.Health.Check(c.UserContext(), ids)
+	var reports []ProviderHealth
+	if p != nil {
+		reports = s.Health.Check(c.UserContext(), ids)
+	} else {
+		reports = s.Health.Last(c.UserContext(), ids)
+	}
 	ok := true
 	for _, r := range reports {
 		ok = ok && r.OK

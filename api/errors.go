@@ -8,6 +8,7 @@ import (
 
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/metrics"
 )
 
 // Problem is the error body of every failed request: a human message and a stable code that
@@ -72,7 +73,7 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 		status, msg = fe.Code, fe.Message
 		code = fiberCode(fe.Code)
 	default:
-		s.log.Error("request failed", "method", c.Method(), "route", c.Route().Path, "err", err)
+		s.log.Error("request failed", "method", metrics.HTTPMethod(c.Method()), "route", s.routes[c.Route().Path], "error", err)
 	}
 	return c.Status(status).JSON(Problem{Error: msg, Code: code})
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"strings"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -46,19 +47,19 @@ func (s *Server) mountKeyChains(app *fiber.App) {
 	kc := app.Group("/key-chain", s.auth)
 	kc.Get("/providers", read, s.kcProviders)
 	kc.Get("/providers/health", read, s.kcProvidersHealth)
-	kc.Post("/import", manage, s.kcImport)
+	kc.Post("/import", s.limited(s.createLimit, manage, s.kcImport)...)
 	// Sign by usage type: statusList falls back to the tenant's attestation chain.
-	kc.Post("/usage/:usage/jws", sign, s.kcUsage(s.kcJWS))
-	kc.Post("/usage/:usage/sign", sign, s.kcUsage(s.kcSign))
+	kc.Post("/usage/:usage/jws", s.limited(s.signLimit, sign, s.kcUsage(s.kcJWS))...)
+	kc.Post("/usage/:usage/sign", s.limited(s.signLimit, sign, s.kcUsage(s.kcSign))...)
 	kc.Get("/", read, s.kcList)
-	kc.Post("/", manage, s.kcCreate)
+	kc.Post("/", s.limited(s.createLimit, manage, s.kcCreate)...)
 	kc.Get("/:id", read, s.kcGet)
 	kc.Put("/:id", manage, s.kcUpdate)
 	kc.Delete("/:id", manage, s.kcDelete)
-	kc.Post("/:id/rotate", manage, s.kcRotate)
+	kc.Post("/:id/rotate", s.limited(s.createLimit, manage, s.kcRotate)...)
 	kc.Get("/:id/export", export, s.kcExport)
-	kc.Post("/:id/sign", sign, s.kcSign)
-	kc.Post("/:id/jws", sign, s.kcJWS)
+	kc.Post("/:id/sign", s.limited(s.signLimit, sign, s.kcSign)...)
+	kc.Post("/:id/jws", s.limited(s.signLimit, sign, s.kcJWS)...)
 	kc.Get("/:id/jwks", read, s.kcJWKS)
 
 	app.Get("/jwks", s.auth, read, func(c *fiber.Ctx) error {
@@ -70,17 +71,19 @@ func (s *Server) mountKeyChains(app *fiber.App) {
 	})
 }
 
-// chainID is the :id of the route, or the id resolved from :usage by kcUsage.
+// chainID is the :id of the route, or the id resolved from :usage by kcUsage. The param is
+// cloned: the service keys its per-chain locks and caches by it, and Fiber's params point into a
+// reused request buffer.
 func chainID(c *fiber.Ctx) string {
 	if id, ok := c.Locals("keyChainID").(string); ok {
 		return id
 	}
-	return c.Params("id")
+	return strings.Clone(c.Params("id"))
 }
 
 func (s *Server) kcUsage(next fiber.Handler) fiber.Handler {
 	return func(c *fiber.Ctx) error {
-		id, err := s.KeyChains.ResolveUsage(c.UserContext(), principal(c).TenantID, c.Params("usage"))
+		id, err := s.KeyChains.ResolveUsage(c.UserContext(), principal(c).TenantID, strings.Clone(c.Params("usage")))
 		if err != nil {
 			return err
 		}
@@ -115,7 +118,7 @@ func (s *Server) kcProvidersHealth(c *fiber.Ctx) error {
 }
 
 func (s *Server) kcList(c *fiber.Ctx) error {
-	res, err := s.KeyChains.List(c.UserContext(), principal(c).TenantID, c.Query("usageType"))
+	res, err := s.KeyChains.List(c.UserContext(), principal(c).TenantID, strings.Clone(c.Query("usageType")))
 	if err != nil {
 		return err
 	}

@@ -22,10 +22,34 @@ import (
 // certificate chain, well under 1 MiB.
 const DefaultBodyLimit = 1 << 20
 
-// HealthChecker reports provider health (cached by the appliance so probes cannot be amplified).
+// HealthChecker reports provider health. The appliance probes in the background, at most one probe
+// in flight per provider, so callers cannot turn /health into a probe flood.
 type HealthChecker interface {
-	Check(ctx context.Context, ids []string) []providers.HealthReport
+	// Check answers from a result at most about a second old, joining or starting the provider's
+	// single in-flight probe when the last one is older (authenticated callers).
+	Check(ctx context.Context, ids []string) []ProviderHealth
+	// Last answers from the last result whatever its age; it waits only while a provider has never
+	// been probed (anonymous callers).
+	Last(ctx context.Context, ids []string) []ProviderHealth
 }
+
+// ProviderHealth is one provider's health as callers see it: a stable code and a short reason,
+// never the backend's own error text (it can carry URLs and network details; the log has it).
+type ProviderHealth struct {
+	ProviderID string `json:"providerId"`
+	Type       string `json:"type"`
+	OK         bool   `json:"ok"`
+	LatencyMs  int64  `json:"latencyMs"`
+	Code       string `json:"code,omitempty"`
+	Error      string `json:"error,omitempty"`
+}
+
+// Health codes of a failing provider.
+const (
+	HealthTimeout   = "probe_timeout"
+	HealthFailed    = "backend_unhealthy"
+	HealthNotProbed = "not_probed"
+)
 
 // TenantHook runs after a tenant is created (key-chain bootstrap).
 type TenantHook func(ctx context.Context, tenantID string) error
@@ -41,12 +65,21 @@ type Deps struct {
 	KeyChains       KeyChainService
 	OnTenantCreated TenantHook
 	BodyLimit       int
+	// Limits are the per-credential rate limits.
+	Limits RateLimits
+	// MetricsElsewhere leaves /metrics off this app: the appliance serves it on its own listener.
+	MetricsElsewhere bool
 }
 
 // Server holds the API's dependencies.
 type Server struct {
 	Deps
 	log *slog.Logger
+	// routes maps each registered route template to itself: the metrics label is the route
+	// table's own string, never one built from the request.
+	routes map[string]string
+
+	createLimit, signLimit *limiterSet
 }
 
 const localPrincipal = "principal"
@@ -54,17 +87,20 @@ const localPrincipal = "principal"
 // New builds the public app: contract face, key-chain API, admin API (admin credential), health
 // and metrics.
 func New(d Deps) *fiber.App {
-	s := &Server{Deps: d, log: d.Logger}
+	s := &Server{Deps: d, log: d.Logger, createLimit: newLimiterSet(d.Limits.CreateRate, d.Limits.CreateBurst),
+		signLimit: newLimiterSet(d.Limits.SignRate, d.Limits.SignBurst)}
 	app := s.newApp()
-	app.Get("/metrics", adaptor.HTTPHandler(d.Metrics.Handler()))
+	if !d.MetricsElsewhere {
+		app.Get("/metrics", adaptor.HTTPHandler(d.Metrics.Handler()))
+	}
 	app.Get("/healthz", func(c *fiber.Ctx) error { return c.JSON(fiber.Map{"ok": true}) })
 	app.Get("/health", s.optionalAuth, s.health)
 
 	k := app.Group("/keys", s.auth)
-	k.Post("/", s.requireRole(tenants.RoleManage), s.generate)
+	k.Post("/", s.limited(s.createLimit, s.requireRole(tenants.RoleManage), s.generate)...)
 	k.Get("/:kid", s.requireAnyRole(tenants.RoleSign, tenants.RoleManage), s.getKey)
-	k.Post("/:kid/sign", s.requireRole(tenants.RoleSign), s.sign)
-	k.Post("/:kid/import", s.requireRole(tenants.RoleManage), s.importKey)
+	k.Post("/:kid/sign", s.limited(s.signLimit, s.requireRole(tenants.RoleSign), s.sign)...)
+	k.Post("/:kid/import", s.limited(s.createLimit, s.requireRole(tenants.RoleManage), s.importKey)...)
 	k.Delete("/:kid", s.requireRole(tenants.RoleManage), s.deleteKey)
 
 	s.mountKeyChains(app)
@@ -74,7 +110,16 @@ func New(d Deps) *fiber.App {
 	app.Use(func(c *fiber.Ctx) error {
 		return problem(fiber.StatusNotFound, "route_not_found", "no route "+c.Method()+" "+c.Path())
 	})
+	s.indexRoutes(app)
 	return app
+}
+
+// indexRoutes records the route table once every route is registered.
+func (s *Server) indexRoutes(app *fiber.App) {
+	s.routes = map[string]string{}
+	for _, r := range app.GetRoutes() {
+		s.routes[r.Path] = r.Path
+	}
 }
 
 // NewAdmin builds the app served on the local admin socket: admin routes only, and every request is
@@ -87,6 +132,7 @@ func NewAdmin(d Deps) *fiber.App {
 		return c.Next()
 	})
 	s.mountAdmin(adm)
+	s.indexRoutes(app)
 	return app
 }
 
@@ -126,8 +172,8 @@ func (s *Server) observe(c *fiber.Ctx) error {
 		}
 		status = c.Response().StatusCode()
 	}
-	route := c.Route().Path
-	if status == fiber.StatusNotFound && (route == "/" || route == "") {
+	route, known := s.routes[c.Route().Path]
+	if !known || (status == fiber.StatusNotFound && (route == "/" || route == "")) {
 		route = "unmatched"
 	}
 	method := metrics.HTTPMethod(c.Method())

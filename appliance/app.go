@@ -10,10 +10,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -59,6 +62,21 @@ type Options struct {
 	TLSCert     string
 	TLSKey      string
 	TLSClientCA string
+	// MaxConns and MaxConnsPerIP cap concurrent connections on the listener, in total and per
+	// client IP (0: DefaultMaxConns / DefaultMaxConnsPerIP; negative: no cap).
+	MaxConns      int
+	MaxConnsPerIP int
+	// HealthInterval is how often providers are probed in the background (default 15s).
+	HealthInterval time.Duration
+	// CreateRate and CreateBurst bound key and key-chain creation per credential (0: 10/s burst
+	// 50; a negative rate: no limit). SignRate bounds signing per credential (0: no limit) with
+	// SignBurst (0: one second's worth).
+	CreateRate  float64
+	CreateBurst int
+	SignRate    float64
+	SignBurst   int
+	// MetricsListen, when set, serves /metrics on this address only (not on Listen).
+	MetricsListen string
 }
 
 // Appliance is a running kmsgate.
@@ -78,6 +96,9 @@ type Appliance struct {
 
 	keyChains       *keychain.Service
 	onTenantCreated api.TenantHook
+
+	mu          sync.Mutex
+	metricsAddr string
 }
 
 // DBDir is where Badger lives under the data dir.
@@ -148,9 +169,9 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		return nil, err
 	}
 	a.keys = keys.New(a.store, a.registry, a.log)
-	a.health = newHealthMonitor(a.registry, a.metrics)
+	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
-		Logger: a.log}
+		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits()}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err
@@ -180,6 +201,14 @@ func (a *Appliance) checkMasterKey(ctx context.Context) error {
 			"start with the original KMSGATE_MASTER_KEY / master-key file")
 	}
 	return nil
+}
+
+// MetricsAddr is the address /metrics is served on when MetricsListen is set, once Serve has
+// opened it ("" before).
+func (a *Appliance) MetricsAddr() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.metricsAddr
 }
 
 // App is the public HTTP app (tests drive it with app.Test).
@@ -227,7 +256,12 @@ func (o Options) tlsConfig() (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load TLS certificate: %w", err)
 	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+	// TLS 1.2 offers AEAD suites with forward secrecy only (no CBC, no SHA-1 MAC, no RSA key
+	// exchange); TLS 1.3 suites are all AEAD and not configurable.
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}, CipherSuites: []uint16{
+		tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+		tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+		tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256}}
 	if o.TLSClientCA != "" {
 		pem, err := os.ReadFile(o.TLSClientCA)
 		if err != nil {
@@ -243,47 +277,83 @@ func (o Options) tlsConfig() (*tls.Config, error) {
 	return cfg, nil
 }
 
-// Serve serves on ln until ctx is cancelled.
+// Serve serves on ln until ctx is cancelled. Every listener it was handed or opened is closed
+// when it returns, also when start-up fails half-way, so a failed start never keeps the port.
 func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	tcfg, err := a.opts.tlsConfig()
 	if err != nil {
 		ln.Close()
 		return err
 	}
-	ln = lingerListener{ln}
+	var sockLn net.Listener
+	if a.opts.AdminSocket != "-" {
+		p := a.opts.SocketPath()
+		_ = os.Remove(p) // a stale socket from a crash; Badger's lock already proved we are alone
+		l, err := listenUnixPrivate(p)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("admin socket %s: %w", p, err)
+		}
+		sockLn = l
+	}
+	var metricsLn net.Listener
+	if a.opts.MetricsListen != "" {
+		l, err := net.Listen("tcp", a.opts.MetricsListen)
+		if err != nil {
+			ln.Close()
+			if sockLn != nil {
+				sockLn.Close()
+			}
+			return fmt.Errorf("metrics listener %s: %w", a.opts.MetricsListen, err)
+		}
+		metricsLn = l
+		a.mu.Lock()
+		a.metricsAddr = l.Addr().String()
+		a.mu.Unlock()
+	}
+	ln = newCapListener(lingerListener{ln}, orDefault(a.opts.MaxConns, DefaultMaxConns),
+		orDefault(a.opts.MaxConnsPerIP, DefaultMaxConnsPerIP))
 	if tcfg != nil {
 		ln = tls.NewListener(ln, tcfg)
 	}
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
-	go a.health.run(bg, 15*time.Second)
+	healthEvery := a.opts.HealthInterval
+	if healthEvery <= 0 {
+		healthEvery = DefaultHealthInterval
+	}
+	go a.health.run(bg, healthEvery)
 	go a.gcLoop(bg)
 	go a.startKeyChainScheduler(bg)
 
-	errc := make(chan error, 2)
-	var sockLn net.Listener
-	if a.opts.AdminSocket != "-" {
-		p := a.opts.SocketPath()
-		_ = os.Remove(p) // a stale socket from a crash; Badger's lock already proved we are alone
-		l, err := net.Listen("unix", p)
-		if err != nil {
-			return fmt.Errorf("admin socket %s: %w", p, err)
-		}
-		if err := os.Chmod(p, 0o600); err != nil {
-			l.Close()
-			return fmt.Errorf("admin socket permissions: %w", err)
-		}
-		sockLn = l
-		go func() { errc <- a.admin.Listener(l) }()
+	errc := make(chan error, 3)
+	if sockLn != nil {
+		go func() { errc <- a.admin.Listener(sockLn) }()
+	}
+	var metricsSrv *http.Server
+	if metricsLn != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", a.metrics.Handler())
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+			WriteTimeout: 30 * time.Second, IdleTimeout: 120 * time.Second}
+		go func() {
+			err := metricsSrv.Serve(metricsLn)
+			if errors.Is(err, http.ErrServerClosed) {
+				err = nil
+			}
+			errc <- err
+		}()
 	}
 	a.log.Info("kmsgate serving", "listen", ln.Addr().String(), "providers", a.registry.IDs(),
 		"defaultProvider", a.registry.DefaultID(), "version", a.opts.Version)
 	go func() { errc <- a.app.Listener(ln) }()
+	var serveErr error
 	select {
 	case <-ctx.Done():
-	case err := <-errc:
-		if err != nil {
-			return fmt.Errorf("http server: %w", err)
+	case serveErr = <-errc:
+		// One server stopped on its own: shut the others down too rather than leave them serving.
+		if serveErr != nil {
+			serveErr = fmt.Errorf("http server: %w", serveErr)
 		}
 	}
 	grace := a.opts.ShutdownGrace
@@ -296,7 +366,44 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		_ = a.admin.ShutdownWithTimeout(grace)
 		_ = os.Remove(a.opts.SocketPath())
 	}
-	return err
+	if metricsSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), grace)
+		_ = metricsSrv.Shutdown(sctx)
+		cancel()
+	}
+	return errors.Join(serveErr, err)
+}
+
+// Default per-credential creation rate: far above what an issuer does by hand or at start-up, low
+// enough that one leaked key cannot fill an HSM in seconds.
+const (
+	DefaultCreateRate  = 10
+	DefaultCreateBurst = 50
+)
+
+func (o Options) rateLimits() api.RateLimits {
+	l := api.RateLimits{CreateRate: o.CreateRate, CreateBurst: o.CreateBurst, SignRate: o.SignRate, SignBurst: o.SignBurst}
+	if l.CreateRate == 0 {
+		l.CreateRate = DefaultCreateRate
+	}
+	if l.CreateBurst == 0 {
+		l.CreateBurst = DefaultCreateBurst
+	}
+	if l.SignBurst == 0 {
+		l.SignBurst = int(math.Ceil(l.SignRate))
+	}
+	return l
+}
+
+// orDefault maps 0 to def and a negative value to 0 (no limit).
+func orDefault(v, def int) int {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return 0
+	}
+	return v
 }
 
 func (a *Appliance) gcLoop(ctx context.Context) {

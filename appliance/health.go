@@ -2,70 +2,141 @@ package appliance
 
 import (
 	"context"
+	"log/slog"
 	"sync"
 	"time"
 
+	"github.com/kmsgate/kmsgate/api"
 	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
 )
 
-// healthMonitor caches provider health for a short time, so /health and the key-chain health
-// endpoint cannot be turned into a probe flood against an HSM or a remote KMS, and it refreshes the
-// provider_up gauges in the background.
+// DefaultHealthInterval is how often the background monitor probes every provider.
+const DefaultHealthInterval = 15 * time.Second
+
+// healthMonitor probes providers in the background and serves the results, so /health and the
+// key-chain health endpoint cannot be turned into a probe flood against an HSM or a remote KMS:
+// each provider has at most one probe in flight, whoever asked for it. It also refreshes the
+// provider_up gauges, and it is where a failing backend's own error text goes (the log); callers
+// get a stable code.
 type healthMonitor struct {
 	reg     *providers.Registry
 	m       *metrics.Metrics
+	log     *slog.Logger
 	ttl     time.Duration
 	timeout time.Duration
 
-	mu   sync.Mutex
-	last map[string]cached
+	mu    sync.Mutex
+	state map[string]*probeState // one per provider, built once; fields guarded by mu
 }
 
-type cached struct {
-	r  providers.HealthReport
-	at time.Time
+type probeState struct {
+	p        providers.Provider
+	have     bool
+	last     api.ProviderHealth
+	at       time.Time
+	rawErr   string        // the backend's error text of the last probe, for change-only logging
+	inflight chan struct{} // non-nil while a probe runs; closed when its result is stored
 }
 
-func newHealthMonitor(reg *providers.Registry, m *metrics.Metrics) *healthMonitor {
-	return &healthMonitor{reg: reg, m: m, ttl: time.Second, timeout: 5 * time.Second, last: map[string]cached{}}
+func newHealthMonitor(reg *providers.Registry, m *metrics.Metrics, log *slog.Logger) *healthMonitor {
+	h := &healthMonitor{reg: reg, m: m, log: log, ttl: time.Second, timeout: 5 * time.Second,
+		state: map[string]*probeState{}}
+	for _, p := range reg.All() {
+		h.state[p.ID()] = &probeState{p: p}
+	}
+	return h
 }
 
-// Check returns the health of the providers in ids (all when empty), probing those whose cached
-// result is older than the TTL, in parallel.
-func (h *healthMonitor) Check(ctx context.Context, ids []string) []providers.HealthReport {
+// Check returns the health of the providers in ids (all when empty) from results at most ttl old;
+// older ones are refreshed through the provider's single in-flight probe.
+func (h *healthMonitor) Check(ctx context.Context, ids []string) []api.ProviderHealth {
+	return h.collect(ctx, ids, h.ttl)
+}
+
+// Last returns the last results whatever their age, waiting only for providers never probed.
+func (h *healthMonitor) Last(ctx context.Context, ids []string) []api.ProviderHealth {
+	return h.collect(ctx, ids, 0)
+}
+
+func (h *healthMonitor) collect(ctx context.Context, ids []string, maxAge time.Duration) []api.ProviderHealth {
 	if len(ids) == 0 {
 		ids = h.reg.IDs()
 	}
+	waits := make([]<-chan struct{}, len(ids))
 	now := time.Now()
-	out := make([]providers.HealthReport, len(ids))
-	var stale []string
-	var staleIdx []int
 	h.mu.Lock()
 	for i, id := range ids {
-		if c, ok := h.last[id]; ok && now.Sub(c.at) < h.ttl {
-			out[i] = c.r
-		} else {
-			stale = append(stale, id)
-			staleIdx = append(staleIdx, i)
+		st := h.state[id]
+		if st != nil && (!st.have || (maxAge > 0 && now.Sub(st.at) >= maxAge)) {
+			waits[i] = h.startLocked(st)
 		}
 	}
 	h.mu.Unlock()
-	if len(stale) == 0 {
-		return out
+	out := make([]api.ProviderHealth, 0, len(ids))
+	for i, id := range ids {
+		st := h.state[id]
+		if st == nil {
+			continue
+		}
+		if waits[i] != nil {
+			select {
+			case <-waits[i]:
+			case <-ctx.Done():
+			}
+		}
+		h.mu.Lock()
+		r, have := st.last, st.have
+		h.mu.Unlock()
+		if !have {
+			r = api.ProviderHealth{ProviderID: st.p.ID(), Type: st.p.Type(), Code: api.HealthNotProbed,
+				Error: "no health probe has completed yet"}
+		}
+		out = append(out, r)
 	}
-	fresh := h.reg.HealthAll(ctx, h.timeout, stale...)
-	h.mu.Lock()
-	for i, r := range fresh {
-		out[staleIdx[i]] = r
-		h.last[r.ProviderID] = cached{r: r, at: time.Now()}
-		h.record(r)
-	}
-	h.mu.Unlock()
 	return out
 }
 
-func (h *healthMonitor) record(r providers.HealthReport) {
+// startLocked starts a probe of st unless one is in flight, and returns the channel closed when the
+// running probe's result is stored. h.mu must be held.
+func (h *healthMonitor) startLocked(st *probeState) <-chan struct{} {
+	if st.inflight != nil {
+		return st.inflight
+	}
+	done := make(chan struct{})
+	st.inflight = done
+	go h.probe(st, done)
+	return done
+}
+
+// probe runs one health probe. It is detached from the request that may have started it: a caller
+// giving up must not cancel the result others wait for; the timeout bounds it.
+func (h *healthMonitor) probe(st *probeState, done chan struct{}) {
+	start := time.Now()
+	raw := providers.HealthProbe(context.Background(), st.p, h.timeout)
+	r := api.ProviderHealth{ProviderID: st.p.ID(), Type: st.p.Type(), OK: raw.OK, LatencyMs: raw.LatencyMs}
+	if !raw.OK {
+		r.Code, r.Error = api.HealthFailed, "backend health check failed"
+		if time.Since(start) >= h.timeout {
+			r.Code, r.Error = api.HealthTimeout, "health probe timed out after "+h.timeout.String()
+		}
+	}
+	h.record(r)
+	h.mu.Lock()
+	wasOK, hadResult, prevErr := st.last.OK, st.have, st.rawErr
+	st.last, st.have, st.at, st.rawErr, st.inflight = r, true, time.Now(), raw.Error, nil
+	h.mu.Unlock()
+	close(done)
+	switch {
+	case !raw.OK && (wasOK || !hadResult || raw.Error != prevErr):
+		h.log.Warn("provider health probe failed", "provider", r.ProviderID, "type", r.Type, "code", r.Code,
+			"error", raw.Error)
+	case raw.OK && hadResult && !wasOK:
+		h.log.Info("provider healthy again", "provider", r.ProviderID, "type", r.Type)
+	}
+}
+
+func (h *healthMonitor) record(r api.ProviderHealth) {
 	up := 0.0
 	if r.OK {
 		up = 1
@@ -74,12 +145,17 @@ func (h *healthMonitor) record(r providers.HealthReport) {
 	h.m.ProviderProbe.WithLabelValues(r.ProviderID, r.Type).Set(float64(r.LatencyMs) / 1000)
 }
 
-// run probes every provider each interval until ctx ends.
+// run starts a probe of every provider each interval until ctx ends; a provider whose previous
+// probe is still running is skipped, so a hanging backend never piles up probes.
 func (h *healthMonitor) run(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
-		h.Check(ctx, nil)
+		h.mu.Lock()
+		for _, st := range h.state {
+			h.startLocked(st)
+		}
+		h.mu.Unlock()
 		select {
 		case <-ctx.Done():
 			return

@@ -127,11 +127,25 @@ func (r *ProviderRecorder) KeyOp(op, result string) {
 	r.m.KeyOps.WithLabelValues(r.provider, op, result).Inc()
 }
 
-// HTTPMethod folds a request method into a closed set.
+// HTTPMethod folds a request method into a closed set. It returns string constants, never m:
+// the caller's string may point into a reused request buffer, and a label value is kept for the
+// life of the process.
 func HTTPMethod(m string) string {
 	switch m {
-	case "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS":
-		return m
+	case "GET":
+		return "GET"
+	case "POST":
+		return "POST"
+	case "PUT":
+		return "PUT"
+	case "DELETE":
+		return "DELETE"
+	case "HEAD":
+		return "HEAD"
+	case "PATCH":
+		return "PATCH"
+	case "OPTIONS":
+		return "OPTIONS"
 	}
 	return "OTHER"
 }

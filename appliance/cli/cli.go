@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,6 +33,22 @@ type BuildInfo struct {
 
 func envOr(name, def string) string {
 	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+// envInt reads an integer variable; a malformed value is ignored so the flag default applies and
+// the flag parser reports nothing surprising.
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
+		return v
+	}
+	return def
+}
+
+func envFloat(name string, def float64) float64 {
+	if v, err := strconv.ParseFloat(os.Getenv(name), 64); err == nil {
 		return v
 	}
 	return def
@@ -99,6 +116,11 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 			o.Logger = g.logger(cmd.ErrOrStderr())
 			o.Out = cmd.OutOrStdout()
 			o.MasterKeyEnv = os.Getenv("KMSGATE_MASTER_KEY")
+			// Scrub it once read: the environment is inherited by children and readable in
+			// /proc/<pid>/environ for the process's whole life.
+			if err := os.Unsetenv("KMSGATE_MASTER_KEY"); err != nil {
+				return fmt.Errorf("scrub KMSGATE_MASTER_KEY from the environment: %w", err)
+			}
 			o.CredsDir = os.Getenv("CREDENTIALS_DIRECTORY")
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
@@ -129,6 +151,20 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.StringVar(&o.TLSKey, "tls-key", os.Getenv("KMSGATE_TLS_KEY"), "PEM private key for HTTPS (env KMSGATE_TLS_KEY)")
 	f.StringVar(&o.TLSClientCA, "tls-client-ca", os.Getenv("KMSGATE_TLS_CLIENT_CA"), "require client certificates signed by this PEM CA (mTLS; env KMSGATE_TLS_CLIENT_CA)")
 	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
+	f.StringVar(&o.MetricsListen, "metrics-listen", os.Getenv("KMSGATE_METRICS_LISTEN"),
+		"serve /metrics only on this address (e.g. 127.0.0.1:9090) instead of the main listener (env KMSGATE_METRICS_LISTEN)")
+	f.Float64Var(&o.CreateRate, "create-rate", envFloat("KMSGATE_CREATE_RATE", appliance.DefaultCreateRate),
+		"key and key-chain creations per second per API key (negative: no limit; env KMSGATE_CREATE_RATE)")
+	f.IntVar(&o.CreateBurst, "create-burst", envInt("KMSGATE_CREATE_BURST", appliance.DefaultCreateBurst),
+		"creations an API key may make at once before --create-rate applies (env KMSGATE_CREATE_BURST)")
+	f.Float64Var(&o.SignRate, "sign-rate", envFloat("KMSGATE_SIGN_RATE", 0),
+		"signing requests per second per API key (0: no limit; env KMSGATE_SIGN_RATE)")
+	f.IntVar(&o.SignBurst, "sign-burst", envInt("KMSGATE_SIGN_BURST", 0),
+		"signing requests an API key may make at once (0: one second's worth of --sign-rate; env KMSGATE_SIGN_BURST)")
+	f.IntVar(&o.MaxConns, "max-conns", envInt("KMSGATE_MAX_CONNS", appliance.DefaultMaxConns),
+		"cap on concurrent connections; further ones are closed at once (negative: no cap; env KMSGATE_MAX_CONNS)")
+	f.IntVar(&o.MaxConnsPerIP, "max-conns-per-ip", envInt("KMSGATE_MAX_CONNS_PER_IP", appliance.DefaultMaxConnsPerIP),
+		"cap on concurrent connections from one client IP (negative: no cap; env KMSGATE_MAX_CONNS_PER_IP)")
 	return cmd
 }
 
