@@ -38,7 +38,7 @@ func (s *Server) adminCreateTenant(c *fiber.Ctx) error {
 	}
 	if s.OnTenantCreated != nil {
 		if err := s.OnTenantCreated(c.UserContext(), res.ID); err != nil {
-			s.log.Error("tenant bootstrap failed", "tenant", res.ID, "err", err)
+			s.log.Error("tenant bootstrap failed", "tenant", res.ID, "error", err)
 		}
 	}
 	return c.Status(fiber.StatusCreated).JSON(res)

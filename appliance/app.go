@@ -446,7 +446,7 @@ func (a *Appliance) DevBootstrap(ctx context.Context) error {
 		}
 		if a.onTenantCreated != nil {
 			if err := a.onTenantCreated(ctx, "dev"); err != nil {
-				a.log.Error("dev tenant bootstrap failed", "err", err)
+				a.log.Error("dev tenant bootstrap failed", "error", err)
 			}
 		}
 	} else if err != nil {

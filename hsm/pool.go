@@ -151,7 +151,7 @@ func (s *Slot) markDown(p *pool, cause error) {
 	}
 	p.kill()
 	s.setDown(cause)
-	s.log.Warn("pkcs11 slot down; rebuilding in the background", "err", cause)
+	s.log.Warn("pkcs11 slot down; rebuilding in the background", "error", cause)
 	select {
 	case s.kick <- struct{}{}:
 	default:

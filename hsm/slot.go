@@ -214,7 +214,7 @@ func (s *Slot) supervise() {
 				continue
 			}
 			s.setDown(err)
-			s.log.Warn("pkcs11 slot rebuild failed", "attempt", attempt, "retry_in", backoff, "err", err)
+			s.log.Warn("pkcs11 slot rebuild failed", "attempt", attempt, "retry_in", backoff.String(), "error", err)
 			select {
 			case <-s.closed:
 				return
@@ -501,7 +501,7 @@ func (s *Slot) setupCanary(p *pool) error {
 			return fmt.Errorf("canary key: %w", err)
 		}
 		p.canaryErr = fmt.Errorf("canary unavailable: the token cannot generate a P-256 session key: %w", err)
-		s.log.Warn("pkcs11 canary disabled", "err", err)
+		s.log.Warn("pkcs11 canary disabled", "error", err)
 		return nil
 	}
 	pk, err := s.readPoint(ctx, h, pub)

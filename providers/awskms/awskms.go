@@ -208,7 +208,7 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
 		defer dcancel()
 		if derr := p.scheduleDeletion(dctx, keyID); derr != nil {
-			p.log.Warn("could not schedule deletion of a key whose public key was unreadable", "keyId", keyID, "error", derr)
+			p.log.Warn("could not schedule deletion of a key whose public key was unreadable", "key_id", keyID, "error", derr)
 		}
 		return providers.KeyRef{}, err
 	}

@@ -150,7 +150,7 @@ func New(ctx context.Context, cfg providers.Config, logger *slog.Logger) (*Provi
 		return nil, fmt.Errorf("provider %q (type pkcs11): %w", cfg.ID, err)
 	}
 	if err := slot.LastError(); err != nil {
-		log.Error("pkcs11 provider is not ready; retrying in the background", "err", err)
+		log.Error("pkcs11 provider is not ready; retrying in the background", "error", err)
 	}
 	desc := c.Description
 	if desc == "" {

@@ -423,7 +423,7 @@ func (p *Provider) sign(ctx context.Context, op string, ref providers.KeyRef, in
 	if err != nil {
 		return nil, p.fail(errs.Internal, op, "vault returned an unusable signature", err)
 	}
-	p.log.Debug("signed", "mount", mount, "key", key, "keyVersion", version)
+	p.log.Debug("signed", "mount", mount, "key", key, "key_version", version)
 	return raw, nil
 }
 
