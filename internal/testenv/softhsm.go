@@ -2,7 +2,7 @@
 // private directory and, for the recovery tests only, a fault-injecting shim around SoftHSM2.
 //
 // SoftHSM2 built against OpenSSL 3 can crash at process exit, in C atexit handlers and static
-// destructors after C_Finalize (field notes §3.1). A Go test binary cannot hit that: Go leaves
+// destructors after C_Finalize (seen with Debian bookworm's softhsm2 2.6). A Go test binary cannot hit that: Go leaves
 // through the exit_group system call without running libc atexit handlers or shared-library
 // destructors (checked with a probe library whose destructor never ran). No TestMain or
 // crash-tolerant wrapper is therefore needed, and none is used, so a crash *during* a test —

@@ -19,7 +19,7 @@ import (
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
-// contractServer is a minimal, independent implementation of eudiplo-compat.md §6, written from
+// contractServer is a minimal, independent implementation of EUDIPLO's remote-KMS HTTP contract, written from
 // the contract text and not from kmsgate's own server, so the http provider is proven not to depend
 // on kmsgate's extensions. digest switches on the one extension (advertised in /health).
 type contractServer struct {

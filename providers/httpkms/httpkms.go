@@ -1,5 +1,6 @@
 // Package httpkms is the "http" provider: a remote KMS that speaks EUDIPLO's remote-KMS contract
-// (eudiplo-compat.md §6), optionally with kmsgate's "digest" extension. Everything the remote
+// (POST /keys, POST /keys/{kid}/sign, POST /keys/{kid}/import, DELETE /keys/{kid},
+// GET /health), optionally with kmsgate's "digest" extension. Everything the remote
 // returns is validated (the public JWK is a P-256 point, signatures are exactly 64 bytes and
 // verify), because a lenient client is how a broken remote corrupts JWS and certificates.
 package httpkms
