@@ -13,8 +13,16 @@ func (s *Server) mountAdmin(r fiber.Router) {
 	r.Post("/tenants", s.adminCreateTenant)
 	r.Get("/tenants", s.adminListTenants)
 	r.Post("/tenants/:id/keys", s.adminAddKey)
-	r.Post("/tenants/:id/revoke", s.adminRevoke)
-	r.Post("/credentials/:id/revoke", s.adminRevoke)
+	// The tenants route keeps taking either kind of id (the CLI's plain `tenant revoke ID`), and
+	// refuses an id that names both; ?target=tenant and the credentials route say which is meant.
+	r.Post("/tenants/:id/revoke", func(c *fiber.Ctx) error {
+		target := tenants.RevokeAny
+		if c.Query("target") == "tenant" {
+			target = tenants.RevokeTenant
+		}
+		return s.adminRevoke(c, target)
+	})
+	r.Post("/credentials/:id/revoke", func(c *fiber.Ctx) error { return s.adminRevoke(c, tenants.RevokeCredential) })
 }
 
 func (s *Server) adminCreateTenant(c *fiber.Ctx) error {
@@ -75,8 +83,8 @@ func (s *Server) adminAddKey(c *fiber.Ctx) error {
 	return c.Status(fiber.StatusCreated).JSON(res)
 }
 
-func (s *Server) adminRevoke(c *fiber.Ctx) error {
-	ids, err := s.Tenants.Revoke(c.UserContext(), strings.Clone(c.Params("id")))
+func (s *Server) adminRevoke(c *fiber.Ctx, target tenants.RevokeTarget) error {
+	ids, err := s.Tenants.Revoke(c.UserContext(), strings.Clone(c.Params("id")), target)
 	if errors.Is(err, tenants.ErrCredNotFound) {
 		return problem(fiber.StatusNotFound, "not_found", err.Error())
 	}

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"strconv"
@@ -327,25 +328,39 @@ func newTenantCmd(g *globalFlags) *cobra.Command {
 			return printJSON(cmd.OutOrStdout(), res)
 		}}
 
-	revoke := &cobra.Command{Use: "revoke TENANT|CREDENTIAL_ID", Short: "Revoke all API keys of a tenant, or one key by its credential id",
-		Args: cobra.ExactArgs(1),
+	var revokeTenant, revokeCred bool
+	revoke := &cobra.Command{Use: "revoke TENANT|CREDENTIAL_ID",
+		Short: "Revoke all API keys of a tenant, or one key by its credential id (--tenant/--credential say which when an id is both)",
+		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if revokeTenant && revokeCred {
+				return errors.New("--tenant and --credential exclude each other")
+			}
+			target, path := tenants.RevokeAny, "/admin/tenants/"+url.PathEscape(args[0])+"/revoke"
+			switch {
+			case revokeTenant:
+				target, path = tenants.RevokeTenant, path+"?target=tenant"
+			case revokeCred:
+				target, path = tenants.RevokeCredential, "/admin/credentials/"+url.PathEscape(args[0])+"/revoke"
+			}
 			var res struct {
 				Revoked []string `json:"revoked"`
 			}
 			if cl, ok := dialAdmin(sock()); ok {
-				if err := cl.do(http.MethodPost, "/admin/tenants/"+args[0]+"/revoke", map[string]any{}, &res); err != nil {
+				if err := cl.do(http.MethodPost, path, map[string]any{}, &res); err != nil {
 					return err
 				}
 			} else if err := withOffline(g, func(ctx context.Context, ts *tenants.Service) error {
 				var err error
-				res.Revoked, err = ts.Revoke(ctx, args[0])
+				res.Revoked, err = ts.Revoke(ctx, args[0], target)
 				return err
 			}); err != nil {
 				return err
 			}
 			return printJSON(cmd.OutOrStdout(), res)
 		}}
+	revoke.Flags().BoolVar(&revokeTenant, "tenant", false, "the id is a tenant id: revoke all its API keys")
+	revoke.Flags().BoolVar(&revokeCred, "credential", false, "the id is a credential id: revoke that one key")
 
 	var keyRoles string
 	addKey := &cobra.Command{Use: "add-key TENANT", Short: "Mint another API key for a tenant", Args: cobra.ExactArgs(1),

@@ -398,72 +398,116 @@ func (s *Service) List(ctx context.Context) ([]TenantInfo, error) {
 	return out, err
 }
 
-// Revoke revokes every credential of a tenant (target = tenant id) or one credential (target =
-// credential id). It returns the ids revoked.
-func (s *Service) Revoke(ctx context.Context, target string) ([]string, error) {
+// RevokeTarget says what a revoke id names.
+type RevokeTarget int
+
+const (
+	// RevokeAny takes the id as a credential id or a tenant id, and refuses an id that is both.
+	RevokeAny RevokeTarget = iota
+	// RevokeTenant revokes every credential of the tenant with that id.
+	RevokeTenant
+	// RevokeCredential revokes the one credential with that id.
+	RevokeCredential
+)
+
+// Revoke revokes every credential of a tenant or one credential, as target says. It returns the
+// ids revoked. With RevokeAny, an id that names both a tenant and a credential is refused: guessing
+// would revoke either too much or too little.
+func (s *Service) Revoke(ctx context.Context, id string, target RevokeTarget) ([]string, error) {
+	var c store.Credential
+	credErr := s.st.Get(ctx, store.CredentialKey(id), &c)
+	if credErr != nil && !errors.Is(credErr, store.ErrNotFound) {
+		return nil, credErr
+	}
+	var t store.Tenant
+	tenErr := s.st.Get(ctx, store.TenantKey(id), &t)
+	if tenErr != nil && !errors.Is(tenErr, store.ErrNotFound) {
+		return nil, tenErr
+	}
+	isCred, isTenant := credErr == nil, tenErr == nil
+	switch {
+	case target == RevokeAny && isCred && isTenant:
+		return nil, errs.Errorf(errs.Conflict, "%q is both a tenant id and a credential id: pass --tenant or "+
+			"--credential to say which to revoke", id).WithCode("ambiguous_revoke_target")
+	case target == RevokeTenant && !isTenant:
+		return nil, fmt.Errorf("%w: no tenant %q", ErrCredNotFound, id)
+	case target == RevokeCredential && !isCred:
+		return nil, fmt.Errorf("%w: no credential %q", ErrCredNotFound, id)
+	case target == RevokeAny && !isCred && !isTenant:
+		return nil, fmt.Errorf("%w: no tenant or credential %q", ErrCredNotFound, id)
+	}
+	if target == RevokeCredential || (target == RevokeAny && isCred) {
+		return s.revokeCredential(ctx, id)
+	}
+	return s.revokeTenant(ctx, id)
+}
+
+func (s *Service) revokeCredential(ctx context.Context, id string) ([]string, error) {
 	var ids []string
 	now := s.now().UTC()
 	err := s.st.Update(ctx, func(tx *store.Txn) error {
 		ids = ids[:0]
 		var c store.Credential
-		if err := tx.Get(store.CredentialKey(target), &c); err == nil {
-			if c.RevokedAt == nil {
-				c.RevokedAt = &now
-				ids = append(ids, c.ID)
-				return tx.Put(store.CredentialKey(c.ID), c)
-			}
+		if err := tx.Get(store.CredentialKey(id), &c); err != nil {
+			return err
+		}
+		if c.RevokedAt != nil {
 			return nil
 		}
-		var t store.Tenant
-		if err := tx.Get(store.TenantKey(target), &t); err != nil {
-			if errors.Is(err, store.ErrNotFound) {
-				return fmt.Errorf("%w: no tenant or credential %q", ErrCredNotFound, target)
-			}
+		c.RevokedAt = &now
+		ids = append(ids, c.ID)
+		return tx.Put(store.CredentialKey(c.ID), c)
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.forgetCreds(ids)
+	return ids, nil
+}
+
+func (s *Service) revokeTenant(ctx context.Context, tenant string) ([]string, error) {
+	var active []store.Credential
+	err := s.st.List(ctx, store.CredentialPrefix, func(_ string, val []byte) error {
+		var c store.Credential
+		if err := json.Unmarshal(val, &c); err != nil {
 			return err
+		}
+		if c.TenantID == tenant && c.RevokedAt == nil {
+			active = append(active, c)
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	if len(ids) == 0 {
-		// Tenant: revoke all its credentials.
-		var all []store.Credential
-		err = s.st.List(ctx, store.CredentialPrefix, func(_ string, val []byte) error {
-			var c store.Credential
-			if err := json.Unmarshal(val, &c); err != nil {
+	now := s.now().UTC()
+	err = s.st.Update(ctx, func(tx *store.Txn) error {
+		for _, c := range active {
+			c.RevokedAt = &now
+			if err := tx.Put(store.CredentialKey(c.ID), c); err != nil {
 				return err
 			}
-			if c.TenantID == target && c.RevokedAt == nil {
-				all = append(all, c)
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
 		}
-		err = s.st.Update(ctx, func(tx *store.Txn) error {
-			for _, c := range all {
-				c.RevokedAt = &now
-				if err := tx.Put(store.CredentialKey(c.ID), c); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
-		}
-		for _, c := range all {
-			ids = append(ids, c.ID)
-		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
+	ids := make([]string, 0, len(active))
+	for _, c := range active {
+		ids = append(ids, c.ID)
+	}
+	s.forgetCreds(ids)
+	return ids, nil
+}
+
+// forgetCreds drops revoked credentials from the in-memory index, so they are refused at once.
+func (s *Service) forgetCreds(ids []string) {
 	s.mu.Lock()
 	for _, id := range ids {
 		delete(s.creds, id)
 	}
 	s.mu.Unlock()
-	return ids, nil
 }
 
 // ProviderSource is what ProviderFor needs from the provider registry.

@@ -72,7 +72,7 @@ func TestCreateAuthenticateRevoke(t *testing.T) {
 	if p, err := s.Authenticate(second.Key); err != nil || p.Has(tenants.RoleManage) || p.CredentialID != second.CredentialID {
 		t.Fatalf("sign-only key: %+v %v", p, err)
 	}
-	ids, err := s.Revoke(ctx, second.CredentialID)
+	ids, err := s.Revoke(ctx, second.CredentialID, tenants.RevokeAny)
 	if err != nil || len(ids) != 1 {
 		t.Fatalf("revoke one credential: %v %v", ids, err)
 	}
@@ -82,13 +82,13 @@ func TestCreateAuthenticateRevoke(t *testing.T) {
 	if _, err := s.Authenticate(res.APIKey); err != nil {
 		t.Fatalf("revoking one credential revoked another: %v", err)
 	}
-	if ids, err := s.Revoke(ctx, "acme"); err != nil || len(ids) != 1 {
+	if ids, err := s.Revoke(ctx, "acme", tenants.RevokeAny); err != nil || len(ids) != 1 {
 		t.Fatalf("revoke tenant: %v %v", ids, err)
 	}
 	if _, err := s.Authenticate(res.APIKey); !errors.Is(err, tenants.ErrUnauthenticated) {
 		t.Fatal("credential of a revoked tenant still authenticates")
 	}
-	if _, err := s.Revoke(ctx, "nobody"); !errors.Is(err, tenants.ErrCredNotFound) {
+	if _, err := s.Revoke(ctx, "nobody", tenants.RevokeAny); !errors.Is(err, tenants.ErrCredNotFound) {
 		t.Fatalf("revoke unknown: %v, want ErrCredNotFound", err)
 	}
 
@@ -182,4 +182,53 @@ func TestCreateTenantProvidersFailClosed(t *testing.T) {
 	if _, err := s.CreateTenant(ctx, tenants.CreateTenantRequest{ID: "y", DefaultProvider: "db"}); !errors.Is(err, cfgErr) {
 		t.Fatalf("provider list error: %v", err)
 	}
+}
+
+// A tenant id may equal another tenant's credential id: a plain revoke must not guess which one is
+// meant, and the explicit targets revoke exactly what they name.
+func TestRevokeRefusesAnAmbiguousID(t *testing.T) {
+	ctx := context.Background()
+	s, _ := newService(t)
+	acme, err := s.CreateTenant(ctx, tenants.CreateTenantRequest{ID: "acme"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acmeCred := credID(acme.APIKey)
+	twin, err := s.CreateTenant(ctx, tenants.CreateTenantRequest{ID: acmeCred})
+	if err != nil {
+		t.Fatalf("a tenant id equal to a credential id: %v", err)
+	}
+	_, err = s.Revoke(ctx, acmeCred, tenants.RevokeAny)
+	if errs.KindOf(err) != errs.Conflict || errs.CodeOf(err) != "ambiguous_revoke_target" ||
+		!strings.Contains(errs.PublicMessage(err), "--tenant") {
+		t.Fatalf("ambiguous revoke = %v, want a conflict naming --tenant/--credential", err)
+	}
+	for _, key := range []string{acme.APIKey, twin.APIKey} {
+		if _, err := s.Authenticate(key); err != nil {
+			t.Fatalf("a refused revoke revoked something: %v", err)
+		}
+	}
+	ids, err := s.Revoke(ctx, acmeCred, tenants.RevokeCredential)
+	if err != nil || len(ids) != 1 || ids[0] != acmeCred {
+		t.Fatalf("revoke --credential = %v, %v", ids, err)
+	}
+	if _, err := s.Authenticate(acme.APIKey); !errors.Is(err, tenants.ErrUnauthenticated) {
+		t.Fatalf("revoked credential still authenticates: %v", err)
+	}
+	if _, err := s.Authenticate(twin.APIKey); err != nil {
+		t.Fatalf("revoke --credential revoked the twin tenant's key: %v", err)
+	}
+	ids, err = s.Revoke(ctx, twin.ID, tenants.RevokeTenant)
+	if err != nil || len(ids) != 1 || ids[0] != credID(twin.APIKey) {
+		t.Fatalf("revoke --tenant = %v, %v", ids, err)
+	}
+	if _, err := s.Revoke(ctx, "acme", tenants.RevokeCredential); !errors.Is(err, tenants.ErrCredNotFound) {
+		t.Fatalf("revoke --credential of a tenant id = %v, want not found", err)
+	}
+}
+
+// credID is the credential id inside an API key kmsgate_<id>_<secret>.
+func credID(apiKey string) string {
+	parts := strings.Split(apiKey, "_")
+	return parts[1]
 }
