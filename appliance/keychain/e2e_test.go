@@ -297,9 +297,9 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string) {
 	verifyCompact(t, js.JWS, tenantJWKS, nil)
 	newChain := certsOf(t, cr.ActiveCertificate.PEM)
 	opensslVerifyChain(t, clock.now(), root, newChain[0])
-	// Manual rotate → 201, and the older previous key is deleted right away.
+	// Manual rotate → 201; both rotated-out keys stay until their own grace ends.
 	do(t, in, "POST", "/key-chain/"+id+"/rotate", key, nil, 201)
-	// After the grace period the scheduler removes the previous key from the JWKS and its backend.
+	// After the grace period the scheduler removes the previous keys from the JWKS and the backend.
 	refsMid, _ := in.App.KeyChains().KeyRefs(ctx, "t1", id)
 	prevRef := refsMid["previous"]
 	clock.advance(2 * time.Hour)
