@@ -1,26 +1,20 @@
 package cli_test
 
 import (
-	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/kmsgate/kmsgate/appliance/cli"
 	"github.com/kmsgate/kmsgate/internal/apptest"
 )
 
+// run returns what the command printed on stdout (stderr carries notes and warnings, see runSplit).
 func run(t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	cmd := cli.NewRootCmd(cli.BuildInfo{Version: "1.2.3", Commit: "abc"})
-	var out bytes.Buffer
-	cmd.SetOut(&out)
-	cmd.SetErr(&out)
-	cmd.SetArgs(args)
-	err := cmd.Execute()
-	return out.String(), err
+	out, _, err := runSplit(t, args...)
+	return out, err
 }
 
 func TestTenantCLIOfflineAndThroughSocket(t *testing.T) {
@@ -35,8 +29,7 @@ func TestTenantCLIOfflineAndThroughSocket(t *testing.T) {
 		APIKey string   `json:"apiKey"`
 		Roles  []string `json:"roles"`
 	}
-	// The JSON comes first; a note about the deferred key-chain bootstrap may follow.
-	if err := json.NewDecoder(strings.NewReader(out)).Decode(&created); err != nil || created.ID != "issuer-1" ||
+	if err := json.Unmarshal([]byte(out), &created); err != nil || created.ID != "issuer-1" ||
 		!strings.HasPrefix(created.APIKey, "kmsgate_") || strings.Join(created.Roles, ",") != "manage,sign" {
 		t.Fatalf("offline create printed %q (%v)", out, err)
 	}
