@@ -265,6 +265,12 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string) {
 		}
 		do(t, in, r.m, "/key-chain/"+id+r.p, other, body, 404)
 	}
+	// Unknown and over-long ids answer 404 on every mutation (they are looked up before any lock).
+	for _, bad := range []string{strings.Repeat("z", 128), strings.Repeat("q", 2000), "no-such-chain"} {
+		do(t, in, "PUT", "/key-chain/"+bad, key, map[string]any{"description": "x"}, 404)
+		do(t, in, "DELETE", "/key-chain/"+bad, key, nil, 404)
+		do(t, in, "POST", "/key-chain/"+bad+"/rotate", key, nil, 404)
+	}
 	do(t, in, "GET", "/key-chain/"+id+"/export", key, nil, 403) // manage+sign may not export
 	do(t, in, "POST", "/key-chain/"+id+"/jws", exp.Key, map[string]any{"payload": 1}, 403)
 	otherExp, _ := in.App.Tenants().AddKey(ctx, "t2", []string{"export"}, "exporter")
