@@ -12,6 +12,7 @@ import (
 	"github.com/gofiber/fiber/v2/middleware/adaptor"
 	"github.com/gofiber/fiber/v2/middleware/recover"
 
+	"github.com/kmsgate/kmsgate/appliance/keychain"
 	"github.com/kmsgate/kmsgate/appliance/keys"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/metrics"
@@ -51,20 +52,28 @@ const (
 	HealthNotProbed = "not_probed"
 )
 
-// TenantHook runs after a tenant is created (key-chain bootstrap).
-type TenantHook func(ctx context.Context, tenantID string) error
+// TenantCreator creates a tenant and bootstraps its default key chains (the appliance's one
+// tenant-creation path, shared by the admin API, the CLI and dev mode).
+type TenantCreator func(ctx context.Context, req tenants.CreateTenantRequest) (*TenantCreated, error)
+
+// TenantCreated is the admin API's answer to a tenant creation: the tenant, its first API key and
+// what the key-chain bootstrap created, skipped and failed to create.
+type TenantCreated struct {
+	*tenants.CreateTenantResult
+	Bootstrap *keychain.BootstrapReport `json:"bootstrap,omitempty"`
+}
 
 // Deps are the services the API calls.
 type Deps struct {
-	Tenants         *tenants.Service
-	Keys            *keys.Service
-	Registry        *providers.Registry
-	Health          HealthChecker
-	Metrics         *metrics.Metrics
-	Logger          *slog.Logger
-	KeyChains       KeyChainService
-	OnTenantCreated TenantHook
-	BodyLimit       int
+	Tenants      *tenants.Service
+	Keys         *keys.Service
+	Registry     *providers.Registry
+	Health       HealthChecker
+	Metrics      *metrics.Metrics
+	Logger       *slog.Logger
+	KeyChains    KeyChainService
+	CreateTenant TenantCreator
+	BodyLimit    int
 	// Limits are the per-credential rate limits.
 	Limits RateLimits
 	// MetricsElsewhere leaves /metrics off this app: the appliance serves it on its own listener.

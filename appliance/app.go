@@ -77,6 +77,9 @@ type Options struct {
 	SignBurst   int
 	// MetricsListen, when set, serves /metrics on this address only (not on Listen).
 	MetricsListen string
+	// MaxChainsPerTenant caps the key chains of one tenant (0: DefaultMaxChainsPerTenant;
+	// negative: no cap).
+	MaxChainsPerTenant int
 }
 
 // Appliance is a running kmsgate.
@@ -94,8 +97,7 @@ type Appliance struct {
 	app      *fiber.App
 	admin    *fiber.App
 
-	keyChains       *keychain.Service
-	onTenantCreated api.TenantHook
+	keyChains *keychain.Service
 
 	mu          sync.Mutex
 	metricsAddr string
@@ -176,7 +178,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		a.Close()
 		return nil, err
 	}
-	deps.OnTenantCreated = a.onTenantCreated
+	deps.CreateTenant = a.CreateTenant
 	a.app = api.New(deps)
 	a.admin = api.NewAdmin(deps)
 	return a, nil
@@ -216,21 +218,6 @@ func (a *Appliance) App() *fiber.App { return a.app }
 
 // Tenants exposes the tenant service (dev bootstrap, tests).
 func (a *Appliance) Tenants() *tenants.Service { return a.tenants }
-
-// CreateTenant creates a tenant with its first API key and runs the tenant bootstrap (default key
-// chains), as the admin API does.
-func (a *Appliance) CreateTenant(ctx context.Context, req tenants.CreateTenantRequest) (*tenants.CreateTenantResult, error) {
-	res, err := a.tenants.CreateTenant(ctx, req)
-	if err != nil {
-		return nil, err
-	}
-	if a.onTenantCreated != nil {
-		if err := a.onTenantCreated(ctx, res.ID); err != nil {
-			return res, fmt.Errorf("tenant %s created, but its bootstrap failed: %w", res.ID, err)
-		}
-	}
-	return res, nil
-}
 
 // Registry exposes the providers.
 func (a *Appliance) Registry() *providers.Registry { return a.registry }
@@ -436,18 +423,13 @@ func (a *Appliance) Close() error {
 func (a *Appliance) DevBootstrap(ctx context.Context) error {
 	keyFile := filepath.Join(a.opts.DataDir, "dev-api-key")
 	if _, err := a.tenants.Tenant(ctx, "dev"); errors.Is(err, tenants.ErrTenantNotFound) {
-		res, err := a.tenants.CreateTenant(ctx, tenants.CreateTenantRequest{ID: "dev", Name: "Development Tenant",
+		res, err := a.CreateTenant(ctx, tenants.CreateTenantRequest{ID: "dev", Name: "Development Tenant",
 			Roles: []string{tenants.RoleManage, tenants.RoleSign, tenants.RoleExport}})
 		if err != nil {
 			return fmt.Errorf("create dev tenant: %w", err)
 		}
 		if err := os.WriteFile(keyFile, []byte(res.APIKey+"\n"), 0o600); err != nil {
 			return fmt.Errorf("write dev api key: %w", err)
-		}
-		if a.onTenantCreated != nil {
-			if err := a.onTenantCreated(ctx, "dev"); err != nil {
-				a.log.Error("dev tenant bootstrap failed", "error", err)
-			}
 		}
 	} else if err != nil {
 		return err

@@ -22,6 +22,7 @@ import (
 
 	"github.com/kmsgate/kmsgate/appliance"
 	"github.com/kmsgate/kmsgate/appliance/config"
+	"github.com/kmsgate/kmsgate/appliance/keychain"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 )
@@ -166,6 +167,8 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 		"cap on concurrent connections; further ones are closed at once (negative: no cap; env KMSGATE_MAX_CONNS)")
 	f.IntVar(&o.MaxConnsPerIP, "max-conns-per-ip", envInt("KMSGATE_MAX_CONNS_PER_IP", appliance.DefaultMaxConnsPerIP),
 		"cap on concurrent connections from one client IP (negative: no cap; env KMSGATE_MAX_CONNS_PER_IP)")
+	f.IntVar(&o.MaxChainsPerTenant, "max-chains-per-tenant", envInt("KMSGATE_MAX_CHAINS_PER_TENANT", appliance.DefaultMaxChainsPerTenant),
+		"key chains one tenant may hold; more answer 403 quota_exceeded (-1: no cap; env KMSGATE_MAX_CHAINS_PER_TENANT)")
 	return cmd
 }
 
@@ -287,21 +290,33 @@ func newTenantCmd(g *globalFlags) *cobra.Command {
 			if allowed != "" {
 				req.AllowedProviders = strings.Split(allowed, ",")
 			}
-			var res tenants.CreateTenantResult
+			var res struct {
+				tenants.CreateTenantResult
+				Bootstrap *keychain.BootstrapReport `json:"bootstrap"`
+			}
+			online := false
 			if cl, ok := dialAdmin(sock()); ok {
+				online = true
 				if err := cl.do(http.MethodPost, "/admin/tenants", req, &res); err != nil {
 					return err
 				}
 			} else if err := withOffline(g, func(ctx context.Context, ts *tenants.Service) error {
 				r, err := ts.CreateTenant(ctx, req)
 				if err == nil {
-					res = *r
+					res.CreateTenantResult = *r
 				}
 				return err
 			}); err != nil {
 				return err
 			}
-			return printJSON(cmd.OutOrStdout(), map[string]any{"id": res.ID, "apiKey": res.APIKey, "roles": res.Roles})
+			out := map[string]any{"id": res.ID, "apiKey": res.APIKey, "roles": res.Roles}
+			if res.Bootstrap != nil {
+				out["bootstrap"] = res.Bootstrap
+			}
+			if err := printJSON(cmd.OutOrStdout(), out); err != nil {
+				return err
+			}
+			return reportBootstrap(cmd.ErrOrStderr(), res.ID, online, res.Bootstrap)
 		}}
 	create.Flags().StringVar(&name, "name", "", "display name (goes into certificate subjects; default: the id)")
 	create.Flags().StringVar(&roles, "roles", "", "comma-separated roles of the key: manage,sign,export (default manage,sign)")
@@ -388,6 +403,38 @@ func newTenantCmd(g *globalFlags) *cobra.Command {
 	addKey.Flags().StringVar(&keyRoles, "roles", "", "comma-separated roles (default manage,sign)")
 	c.AddCommand(create, list, revoke, addKey)
 	return c
+}
+
+// reportBootstrap tells the operator, on stderr, what the tenant's key-chain bootstrap did not do.
+// The tenant and its key exist either way (the exit status stays 0 so a script keeps the key it
+// was just shown); failed usage types are retried by the server until they succeed.
+func reportBootstrap(w io.Writer, tenant string, online bool, rep *keychain.BootstrapReport) error {
+	var err error
+	switch {
+	case !online:
+		_, err = fmt.Fprintf(w, "note: no server is running on this data dir; tenant %s gets its default key chains "+
+			"when kmsgate next starts\n", tenant)
+	case rep == nil:
+		_, err = fmt.Fprintf(w, "note: the server made no key-chain bootstrap for tenant %s\n", tenant)
+	default:
+		for _, c := range rep.Chains {
+			switch c.Status {
+			case keychain.BootFailed:
+				_, err = fmt.Fprintf(w, "WARNING: tenant %s: the %s key chain was NOT created: %s (%s)\n",
+					tenant, c.UsageType, c.Reason, c.Code)
+			case keychain.BootSkipped:
+				_, err = fmt.Fprintf(w, "note: tenant %s: no %s key chain: %s\n", tenant, c.UsageType, c.Reason)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		if f := rep.Failed(); len(f) > 0 {
+			_, err = fmt.Fprintf(w, "WARNING: tenant %s was created, but %d of its default key chains are missing; "+
+				"the server retries them on every rotation check and at start-up\n", tenant, len(f))
+		}
+	}
+	return err
 }
 
 func newAdminCmd(g *globalFlags) *cobra.Command {

@@ -1,26 +1,20 @@
 package cli_test
 
 import (
-	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/kmsgate/kmsgate/appliance/cli"
 	"github.com/kmsgate/kmsgate/internal/apptest"
 )
 
+// run returns what the command printed on stdout (stderr carries notes and warnings, see runSplit).
 func run(t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	cmd := cli.NewRootCmd(cli.BuildInfo{Version: "1.2.3", Commit: "abc"})
-	var out bytes.Buffer
-	cmd.SetOut(&out)
-	cmd.SetErr(&out)
-	cmd.SetArgs(args)
-	err := cmd.Execute()
-	return out.String(), err
+	out, _, err := runSplit(t, args...)
+	return out, err
 }
 
 func TestTenantCLIOfflineAndThroughSocket(t *testing.T) {

@@ -9,55 +9,238 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/kmsgate/kmsgate/appliance/config"
+	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/internal/errs"
+	"github.com/kmsgate/kmsgate/providers"
 )
 
-// Bootstrap gives a tenant the chains the seed promises: an access and an attestation chain
-// (internal CA, on the tenant's default provider, or db when that provider cannot create keys)
-// and an encrypt chain on db. Usage types the tenant already has are left alone, so it is safe to
-// run again and never overrides chains that came from a config folder.
-func (s *Service) Bootstrap(ctx context.Context, tenant string) error {
-	chains, err := s.list(ctx, tenantPrefix(tenant))
-	if err != nil {
-		return err
+// Bootstrap results per usage type.
+const (
+	BootCreated = "created"
+	BootSkipped = "skipped"
+	BootFailed  = "failed"
+)
+
+// BootstrapResult says what the bootstrap did about one usage type. Reason never carries a
+// backend's own text: it is chosen here from the error's kind.
+type BootstrapResult struct {
+	UsageType string `json:"usageType"`
+	Status    string `json:"status"`
+	ID        string `json:"id,omitempty"`
+	Provider  string `json:"kmsProvider,omitempty"`
+	Reason    string `json:"reason,omitempty"`
+	Code      string `json:"code,omitempty"`
+}
+
+// BootstrapReport is what a tenant's bootstrap created, skipped and failed to create. Failed usage
+// types are recorded and retried by the rotation scheduler and at start-up until they succeed.
+type BootstrapReport struct {
+	Chains []BootstrapResult `json:"chains"`
+}
+
+// Failed returns the usage types that could not be created.
+func (r *BootstrapReport) Failed() []BootstrapResult {
+	if r == nil {
+		return nil
 	}
-	have := map[string]bool{}
-	for _, c := range chains {
-		have[c.UsageType] = true
-	}
-	p := &tenants.Principal{TenantID: tenant}
-	var failures []error
-	for _, usage := range []string{UsageAccess, UsageAttestation} {
-		if have[usage] {
-			continue
+	var out []BootstrapResult
+	for _, c := range r.Chains {
+		if c.Status == BootFailed {
+			out = append(out, c)
 		}
-		prov, err := s.ten.ProviderFor(ctx, p, "", s.reg)
-		if err != nil || !prov.Capabilities().CanCreate {
-			if prov, err = s.reg.Get(dbProviderID); err != nil {
-				failures = append(failures, fmt.Errorf("%s chain: %w", usage, err))
-				continue
+	}
+	return out
+}
+
+// bootUsages are the usage types a new tenant gets a chain for.
+var bootUsages = []string{UsageAccess, UsageAttestation, UsageEncrypt}
+
+// prefixBoot namespaces the records of usage types whose bootstrap failed: chainboot/<tenant>.
+// It does not start with prefixChain, so chain listings never see it.
+const prefixBoot = "chainboot/"
+
+// bootRecord lists a tenant's usage types still to be bootstrapped.
+type bootRecord struct {
+	Tenant     string    `json:"tenant"`
+	UsageTypes []string  `json:"usageTypes"`
+	Since      time.Time `json:"since"`
+}
+
+// Bootstrap gives a tenant the chains the seed promises: an access and an attestation chain
+// (internal CA, on the tenant's default provider, or db when that provider cannot create keys and
+// the tenant may use db) and an encrypt chain on db (only when the tenant may use db: its private
+// key is sealed in the store and exportable, which a tenant restricted to an HSM has not chosen).
+// Each usage type the tenant lacks is created on its own; those it already has are left alone, so
+// it is safe to run again and never overrides chains that came from a config folder. Usage types
+// that fail are recorded and retried (RetryBootstraps) until they succeed.
+func (s *Service) Bootstrap(ctx context.Context, tenant string) (*BootstrapReport, error) {
+	return s.bootstrap(ctx, tenant, bootUsages)
+}
+
+func (s *Service) bootstrap(ctx context.Context, tenant string, usages []string) (*BootstrapReport, error) {
+	// One bootstrap per tenant at a time (a tenant create racing the scheduler's retry must not
+	// make two chains of a type). The NUL cannot occur in chain ids, so no chain shares the name.
+	defer s.lock(tenant, "\x00bootstrap")()
+	t, err := s.ten.Tenant(ctx, tenant)
+	if err != nil {
+		return nil, fmt.Errorf("tenant %s: %w", tenant, err)
+	}
+	have, err := s.idx.usages(ctx, s, tenant)
+	if err != nil {
+		return nil, err
+	}
+	allowed := func(id string) bool { return len(t.AllowedProviders) == 0 || slices.Contains(t.AllowedProviders, id) }
+	rep := &BootstrapReport{Chains: []BootstrapResult{}}
+	var failed []string
+	for _, usage := range usages {
+		r := BootstrapResult{UsageType: usage}
+		prov, skip := s.bootProvider(ctx, tenant, usage, allowed)
+		switch {
+		case have[usage]:
+			r.Status, r.Reason = BootSkipped, "the tenant already has a key chain of this usage type"
+		case prov == nil:
+			r.Status, r.Reason = BootSkipped, skip
+		default:
+			typ := TypeInternalChain
+			if usage == UsageEncrypt {
+				typ = TypeStandalone
+			}
+			r.Provider = prov.ID()
+			id, err := s.create(ctx, tenant, prov, usage, typ, "Generated at tenant creation", Policy{})
+			if err != nil {
+				r.Status, r.Reason, r.Code = BootFailed, bootReason(err), bootCode(err)
+				failed = append(failed, usage)
+				s.log.Warn("tenant bootstrap: key chain not created", "tenant", tenant, "usage_type", usage,
+					"provider", prov.ID(), "error", err)
+			} else {
+				r.Status, r.ID = BootCreated, id
 			}
 		}
-		if _, err := s.create(ctx, tenant, prov, usage, TypeInternalChain, "Generated at tenant creation", Policy{}); err != nil {
-			failures = append(failures, fmt.Errorf("%s chain: %w", usage, err))
-		}
+		rep.Chains = append(rep.Chains, r)
 	}
-	if !have[UsageEncrypt] {
-		prov, err := s.reg.Get(dbProviderID)
-		if err == nil {
-			_, err = s.create(ctx, tenant, prov, UsageEncrypt, TypeStandalone, "Generated at tenant creation", Policy{})
+	if err := s.recordBoot(ctx, tenant, failed); err != nil {
+		return rep, err
+	}
+	return rep, nil
+}
+
+// bootProvider picks the provider for a bootstrapped usage type, or says why there is none.
+func (s *Service) bootProvider(ctx context.Context, tenant, usage string, allowed func(string) bool) (providers.Provider, string) {
+	db, dbErr := s.reg.Get(dbProviderID)
+	if usage == UsageEncrypt {
+		switch {
+		case dbErr != nil:
+			return nil, "the encrypt key chain needs the db provider, and none is configured"
+		case !allowed(dbProviderID):
+			return nil, "the encrypt key chain needs the db provider, which the tenant may not use"
+		}
+		return db, ""
+	}
+	prov, err := s.ten.ProviderFor(ctx, &tenants.Principal{TenantID: tenant}, "", s.reg)
+	if err == nil && prov.Capabilities().CanCreate {
+		return prov, ""
+	}
+	if dbErr == nil && allowed(dbProviderID) {
+		return db, ""
+	}
+	return nil, "the tenant's default provider cannot create keys, and the tenant may not use db"
+}
+
+// bootReason is the caller-safe reason of a failed bootstrap: chosen by the error's kind, never
+// the backend's text (which goes to the log).
+func bootReason(err error) string {
+	switch errs.KindOf(err) {
+	case errs.Unavailable:
+		return "the provider is unavailable; kmsgate retries until it is back"
+	case errs.Throttled:
+		return "the provider is throttling requests; kmsgate retries"
+	case errs.Forbidden:
+		if errs.CodeOf(err) == "quota_exceeded" {
+			return "the tenant's key-chain quota is reached; kmsgate retries"
+		}
+		return "refused by policy; kmsgate retries"
+	case errs.NotSupported:
+		return "the provider cannot create this key; kmsgate retries"
+	}
+	return "internal error (see the server log); kmsgate retries"
+}
+
+func bootCode(err error) string {
+	if c := errs.CodeOf(err); c != "" {
+		return c
+	}
+	return errs.KindOf(err).String()
+}
+
+// recordBoot stores the usage types still to be bootstrapped, or removes the record when none are.
+func (s *Service) recordBoot(ctx context.Context, tenant string, failed []string) error {
+	key := prefixBoot + tenant
+	if len(failed) == 0 {
+		if err := s.st.Delete(ctx, key); err != nil && !errors.Is(err, store.ErrNotFound) {
+			return fmt.Errorf("clear bootstrap record of tenant %s: %w", tenant, err)
+		}
+		return nil
+	}
+	rec := bootRecord{Tenant: tenant, UsageTypes: failed, Since: s.now()}
+	var old bootRecord
+	if err := s.st.Get(ctx, key, &old); err == nil && !old.Since.IsZero() {
+		rec.Since = old.Since
+	}
+	if err := s.st.Put(ctx, key, rec); err != nil {
+		return fmt.Errorf("record failed bootstrap of tenant %s: %w", tenant, err)
+	}
+	return nil
+}
+
+// RetryBootstraps retries every usage type whose bootstrap failed (on each scheduler tick and at
+// start-up) and forgets those that now exist. It returns how many chains it created.
+func (s *Service) RetryBootstraps(ctx context.Context) int {
+	var recs []bootRecord
+	err := s.st.List(ctx, prefixBoot, func(key string, val []byte) error {
+		var r bootRecord
+		if err := json.Unmarshal(val, &r); err != nil {
+			s.log.Error("bootstrap retry: unreadable record", "key", key, "error", err)
+			return nil
+		}
+		recs = append(recs, r)
+		return nil
+	})
+	if err != nil {
+		s.log.Error("bootstrap retry: list records", "error", err)
+		return 0
+	}
+	created := 0
+	for _, r := range recs {
+		if ctx.Err() != nil {
+			break
+		}
+		usages := slices.DeleteFunc(slices.Clone(r.UsageTypes), func(u string) bool { return !slices.Contains(bootUsages, u) })
+		rep, err := s.bootstrap(ctx, r.Tenant, usages)
+		if errors.Is(err, tenants.ErrTenantNotFound) {
+			_ = s.st.Delete(ctx, prefixBoot+r.Tenant)
+			continue
 		}
 		if err != nil {
-			failures = append(failures, fmt.Errorf("encrypt chain: %w", err))
+			s.log.Error("bootstrap retry failed", "tenant", r.Tenant, "error", err)
+			continue
+		}
+		for _, c := range rep.Chains {
+			if c.Status == BootCreated {
+				created++
+				s.log.Info("bootstrap retry: key chain created", "tenant", r.Tenant, "usage_type", c.UsageType, "chain", c.ID)
+			}
 		}
 	}
-	return errors.Join(failures...)
+	return created
 }
 
 // FileResult reports what the config import did with one file.
@@ -100,7 +283,7 @@ func (s *Service) ImportFolder(ctx context.Context, o ImportOptions) []FileResul
 	ents, err := os.ReadDir(o.Dir)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
-			s.log.Error("config import: cannot read config folder", "path", o.Dir, "err", err)
+			s.log.Error("config import: cannot read config folder", "path", o.Dir, "error", err)
 		}
 		return nil
 	}
@@ -150,7 +333,7 @@ func (s *Service) ImportFolder(ctx context.Context, o ImportOptions) []FileResul
 }
 
 func (s *Service) reportFail(r FileResult) FileResult {
-	s.log.Error("config import: file failed", "path", r.Path, "tenant", r.Tenant, "err", r.Err)
+	s.log.Error("config import: file failed", "path", r.Path, "tenant", r.Tenant, "error", r.Err)
 	return r
 }
 

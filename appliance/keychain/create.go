@@ -55,6 +55,11 @@ func (s *Service) create(ctx context.Context, tenant string, prov providers.Prov
 	if err != nil {
 		return "", err
 	}
+	release, err := s.idx.reserve(ctx, s, tenant)
+	if err != nil {
+		return "", err
+	}
+	defer release()
 	now := s.now()
 	c := &Chain{ID: uuid.NewString(), Tenant: tenant, Description: desc, UsageType: usage, Usage: KeyUseSign,
 		Provider: prov.ID(), Rotation: pol, CreatedAt: now, UpdatedAt: now}
@@ -67,6 +72,7 @@ func (s *Service) create(ctx context.Context, tenant string, prov providers.Prov
 		if err := s.st.Create(ctx, chainKey(tenant, c.ID), c); err != nil {
 			return fmt.Errorf("store key chain: %w", err)
 		}
+		s.idx.put(c)
 		return nil
 	})
 	if err != nil {

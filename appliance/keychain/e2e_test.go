@@ -265,6 +265,12 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string) {
 		}
 		do(t, in, r.m, "/key-chain/"+id+r.p, other, body, 404)
 	}
+	// Unknown and over-long ids answer 404 on every mutation (they are looked up before any lock).
+	for _, bad := range []string{strings.Repeat("z", 128), strings.Repeat("q", 2000), "no-such-chain"} {
+		do(t, in, "PUT", "/key-chain/"+bad, key, map[string]any{"description": "x"}, 404)
+		do(t, in, "DELETE", "/key-chain/"+bad, key, nil, 404)
+		do(t, in, "POST", "/key-chain/"+bad+"/rotate", key, nil, 404)
+	}
 	do(t, in, "GET", "/key-chain/"+id+"/export", key, nil, 403) // manage+sign may not export
 	do(t, in, "POST", "/key-chain/"+id+"/jws", exp.Key, map[string]any{"payload": 1}, 403)
 	otherExp, _ := in.App.Tenants().AddKey(ctx, "t2", []string{"export"}, "exporter")
@@ -297,9 +303,9 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string) {
 	verifyCompact(t, js.JWS, tenantJWKS, nil)
 	newChain := certsOf(t, cr.ActiveCertificate.PEM)
 	opensslVerifyChain(t, clock.now(), root, newChain[0])
-	// Manual rotate → 201, and the older previous key is deleted right away.
+	// Manual rotate → 201; both rotated-out keys stay until their own grace ends.
 	do(t, in, "POST", "/key-chain/"+id+"/rotate", key, nil, 201)
-	// After the grace period the scheduler removes the previous key from the JWKS and its backend.
+	// After the grace period the scheduler removes the previous keys from the JWKS and the backend.
 	refsMid, _ := in.App.KeyChains().KeyRefs(ctx, "t1", id)
 	prevRef := refsMid["previous"]
 	clock.advance(2 * time.Hour)

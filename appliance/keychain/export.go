@@ -3,6 +3,7 @@ package keychain
 import (
 	"context"
 	"fmt"
+	"strconv"
 
 	"github.com/kmsgate/kmsgate/appliance/keys"
 	"github.com/kmsgate/kmsgate/appliance/store"
@@ -66,8 +67,9 @@ func (s *Service) exporter(providerID string) (providers.PrivateExporter, error)
 	return ex, nil
 }
 
-// KeyRefs returns the provider references of a chain's keys (active, previous, root; absent ones
-// omitted), for diagnostics and tests that check a backend directly.
+// KeyRefs returns the provider references of a chain's keys (active, previous = the most recent
+// previous key, previous.N = the N-th previous key oldest first, root; absent ones omitted), for
+// diagnostics and tests that check a backend directly.
 func (s *Service) KeyRefs(ctx context.Context, tenant, id string) (map[string]providers.KeyRef, error) {
 	c, err := s.load(ctx, tenant, id)
 	if err != nil {
@@ -85,7 +87,14 @@ func (s *Service) KeyRefs(ctx context.Context, tenant, id string) (map[string]pr
 		out[name] = r
 		return nil
 	}
-	for name, k := range map[string]*store.KeyRef{"active": &c.Active, "previous": c.Previous, "root": c.Root} {
+	named := map[string]*store.KeyRef{"active": &c.Active, "root": c.Root}
+	if p := c.latestPrevious(); p != nil {
+		named["previous"] = &p.Key
+	}
+	for i := range c.PreviousKeys {
+		named["previous."+strconv.Itoa(i)] = &c.PreviousKeys[i].Key
+	}
+	for name, k := range named {
 		if err := add(name, k); err != nil {
 			return nil, err
 		}

@@ -46,7 +46,7 @@ func parseImportKey(field string, j *keyutil.JWK, usage string, exportable *bool
 }
 
 // Import stores a chain from an imported private key (POST /key-chain/import and config files)
-// and returns its id. An existing id is replaced (upsert). The three modes of eudiplo-compat §3.3:
+// and returns its id. An existing id is replaced (upsert). It has three modes, as EUDIPLO's import:
 //
 //  1. rotation off, crt given: the key is the active key, crt (validated) is its chain;
 //  2. rotation off, no crt: the key is the active key with a fresh self-signed leaf;
@@ -106,6 +106,14 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 	} else if errs.KindOf(err) != errs.NotFound {
 		return "", err
 	}
+	if existing == nil {
+		// A replacement keeps the count; only a new chain takes one of the tenant's quota.
+		release, err := s.idx.reserve(ctx, s, tenant)
+		if err != nil {
+			return "", err
+		}
+		defer release()
+	}
 	now := s.now()
 	c := &Chain{ID: id, Tenant: tenant, UsageType: req.UsageType, Usage: KeyUseSign, Provider: prov.ID(),
 		CreatedAt: now, UpdatedAt: now}
@@ -144,7 +152,7 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 				continue
 			}
 			if err := s.deleteKey(ctx, tenant, old); err != nil {
-				s.log.Warn("import: could not delete a replaced key", "chain", id, "kid", old.KID, "err", err)
+				s.log.Warn("import: could not delete a replaced key", "chain", id, "kid", old.KID, "error", err)
 			}
 		}
 	}
@@ -244,6 +252,9 @@ func (s *Service) importRootMode(ctx context.Context, c *Chain, prov providers.P
 				return badCert("%s is not issued by the root certificate (last crt entry): %v", label("activeCrt", n-1, n), err)
 			}
 			leafCerts = append(leafCerts, root)
+			if err := checkChainSize("activeCrt", leafCerts); err != nil {
+				return err
+			}
 		}
 	}
 	rk, rref, err := s.importKey(ctx, c, prov, c.ID+"-root"+suffix, priv, ks)

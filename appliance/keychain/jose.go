@@ -119,8 +119,8 @@ func (s *Service) JWS(ctx context.Context, tenant, id string, req JWSRequest) (*
 	return &JWSResult{JWS: input + "." + base64.RawURLEncoding.EncodeToString(sig), KID: c.Active.KID}, nil
 }
 
-// publishable returns the chain's public signing keys: the active key and, during its grace
-// period, the previous one. Encrypt chains publish nothing here: their key is not a signature key.
+// publishable returns the chain's public signing keys: the active key and every previous key
+// still in its grace period. Encrypt chains publish nothing here: their key is not a signature key.
 func (s *Service) publishable(c *Chain) []keyutil.JWK {
 	if c.Usage == KeyUseEncrypt {
 		return nil
@@ -131,8 +131,12 @@ func (s *Service) publishable(c *Chain) []keyutil.JWK {
 		return j
 	}
 	out := []keyutil.JWK{pub(c.Active)}
-	if c.Previous != nil && c.PreviousKeyExpiry != nil && s.now().Before(*c.PreviousKeyExpiry) {
-		out = append(out, pub(*c.Previous))
+	now := s.now()
+	// Newest first: a verifier that stops at the first match finds recent tokens' keys early.
+	for i := len(c.PreviousKeys) - 1; i >= 0; i-- {
+		if p := c.PreviousKeys[i]; now.Before(p.Expiry) {
+			out = append(out, pub(p.Key))
+		}
 	}
 	return out
 }
@@ -166,25 +170,23 @@ func (s *Service) ResolveUsage(ctx context.Context, tenant, usage string) (strin
 	if err := validateUsage(usage); err != nil {
 		return "", err
 	}
-	chains, err := s.list(ctx, tenantPrefix(tenant))
+	// The in-memory index answers: the signing path never lists or decodes the tenant's chains.
+	find := func(u string) (string, error) {
+		ids, err := s.idx.byUsage(ctx, s, tenant, u)
+		if err != nil || len(ids) == 0 {
+			return "", err
+		}
+		return ids[0], nil
+	}
+	id, err := find(usage)
+	if err == nil && id == "" && usage == UsageStatusList {
+		id, err = find(UsageAttestation)
+	}
 	if err != nil {
 		return "", err
 	}
-	find := func(u string) string {
-		for _, c := range chains {
-			if c.UsageType == u {
-				return c.ID
-			}
-		}
-		return ""
-	}
-	if id := find(usage); id != "" {
+	if id != "" {
 		return id, nil
-	}
-	if usage == UsageStatusList {
-		if id := find(UsageAttestation); id != "" {
-			return id, nil
-		}
 	}
 	return "", errs.Errorf(errs.NotFound, "no key chain with usageType %q", usage).WithCode("key_chain_not_found")
 }

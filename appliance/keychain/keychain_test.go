@@ -397,8 +397,8 @@ func TestJWSRotationGraceAndScheduler(t *testing.T) {
 		t.Fatalf("scheduler rotated %d chains, want 1", n)
 	}
 	c := e.chain(t, id)
-	if c.Previous == nil || c.Previous.KID != id+"-active" || c.Active.KID == id+"-active" ||
-		!c.PreviousKeyExpiry.Equal(e.clock.Now().Add(7*24*time.Hour)) || c.Root.KID != id+"-root" {
+	if p := c.latestPrevious(); p == nil || p.Key.KID != id+"-active" || c.Active.KID == id+"-active" ||
+		!p.Expiry.Equal(e.clock.Now().Add(7*24*time.Hour)) || c.Root.KID != id+"-root" {
 		t.Fatalf("after rotation: %+v", c)
 	}
 	newLeaf := mustCerts(t, c.ActiveCertificate)
@@ -426,7 +426,7 @@ func TestJWSRotationGraceAndScheduler(t *testing.T) {
 		t.Error("expired previous key was not deleted in its backend")
 	}
 	c = e.chain(t, id)
-	if c.Previous != nil {
+	if len(c.PreviousKeys) != 0 {
 		t.Error("expired previous key still in the chain")
 	}
 	set, _ = e.svc.ChainJWKS(ctx, testTenant, id)
@@ -434,7 +434,7 @@ func TestJWSRotationGraceAndScheduler(t *testing.T) {
 		t.Fatalf("JWKS after grace: %+v", set.Keys)
 	}
 
-	// Two rotations in a row: the older previous key is deleted at the second.
+	// Two rotations in a row: both rotated-out keys stay, each until its own grace ends.
 	first := c.Active.KID
 	if err := e.svc.Rotate(ctx, testTenant, id, "manual"); err != nil {
 		t.Fatal(err)
@@ -442,11 +442,11 @@ func TestJWSRotationGraceAndScheduler(t *testing.T) {
 	if err := e.svc.Rotate(ctx, testTenant, id, "manual"); err != nil {
 		t.Fatal(err)
 	}
-	if !e.prov.wasDeleted(first) {
-		t.Error("older previous key not deleted at the next rotation")
+	if e.prov.wasDeleted(first) {
+		t.Error("a previous key was deleted inside its grace period by the next rotation")
 	}
-	if c = e.chain(t, id); c.Previous.KID == first || c.Active.KID == c.Previous.KID {
-		t.Errorf("kids after double rotation: active %s previous %s", c.Active.KID, c.Previous.KID)
+	if c = e.chain(t, id); len(c.PreviousKeys) != 2 || c.PreviousKeys[0].Key.KID != first || c.Active.KID == c.PreviousKeys[1].Key.KID {
+		t.Errorf("kids after double rotation: active %s previous %+v", c.Active.KID, c.PreviousKeys)
 	}
 }
 
@@ -559,8 +559,8 @@ func TestSignUpdateDeleteExportTenancy(t *testing.T) {
 
 	// Encrypt chains never sign.
 	bootstrapped := newEnv(t)
-	if err := bootstrapped.svc.Bootstrap(ctx, testTenant); err != nil {
-		t.Fatal(err)
+	if rep, err := bootstrapped.svc.Bootstrap(ctx, testTenant); err != nil || len(rep.Failed()) != 0 {
+		t.Fatal(err, rep)
 	}
 	list, _ := bootstrapped.svc.List(ctx, testTenant, "")
 	usages := map[string]string{}
@@ -578,8 +578,8 @@ func TestSignUpdateDeleteExportTenancy(t *testing.T) {
 		t.Fatalf("bootstrap made %v", usages)
 	}
 	// Bootstrap again is a no-op; statusList falls back to attestation.
-	if err := bootstrapped.svc.Bootstrap(ctx, testTenant); err != nil {
-		t.Fatal(err)
+	if rep, err := bootstrapped.svc.Bootstrap(ctx, testTenant); err != nil || len(rep.Chains) != 3 || rep.Chains[0].Status != BootSkipped {
+		t.Fatal(err, rep)
 	}
 	if l, _ := bootstrapped.svc.List(ctx, testTenant, ""); len(l) != 3 {
 		t.Fatalf("second bootstrap: %d chains", len(l))
@@ -599,7 +599,7 @@ func TestSignUpdateDeleteExportTenancy(t *testing.T) {
 	if err := e.svc.Delete(ctx, testTenant, id); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{c.Active.KID, c.Previous.KID, c.Root.KID} {
+	for _, k := range []string{c.Active.KID, c.latestPrevious().Key.KID, c.Root.KID} {
 		if !e.prov.wasDeleted(k) {
 			t.Errorf("delete left key %s in the backend", k)
 		}

@@ -1,8 +1,8 @@
 // Package keychain implements kmsgate's key chains: per-tenant bundles of a signing key, its X.509
-// certificate chain, an optional root CA key, the previous key during a rotation grace period and
-// a rotation policy. It is the EUDIPLO-compatible domain behind the /key-chain API (see
-// docs eudiplo-compat §1–§4), with the deviations the project decided on (expired previous keys
-// are deleted, imports are validated, certificates follow a corrected profile).
+// certificate chain, an optional root CA key, the keys rotated out and still in their grace
+// period, and a rotation policy. It is the EUDIPLO-compatible domain behind the /key-chain API,
+// with deviations kmsgate chose on purpose: a previous key is deleted once its grace period
+// ends, imported certificates are validated, and certificates follow a corrected profile.
 //
 // Keys live in the chain's provider. The chain record stores only the provider's reference and the
 // public JWK (store.KeyRef, the same encoding the contract face uses); certificates are signed by
@@ -62,7 +62,8 @@ var usageTypes = map[string]bool{UsageAccess: true, UsageAttestation: true, Usag
 // ValidUsageType reports whether u is one of the usage types.
 func ValidUsageType(u string) bool { return usageTypes[u] }
 
-// Chain is the persisted key chain (eudiplo-compat §2).
+// Chain is the persisted key chain: what EUDIPLO stores per key chain, plus the provider
+// references kmsgate needs to reach its keys.
 type Chain struct {
 	ID          string `json:"id"`
 	Tenant      string `json:"tenant"`
@@ -77,6 +78,13 @@ type Chain struct {
 	Root            *store.KeyRef `json:"root,omitempty"`
 	RootCertificate string        `json:"rootCertificate,omitempty"`
 
+	// PreviousKeys are the keys rotated out and not yet deleted, oldest first; each stays
+	// published until its own grace period ends.
+	PreviousKeys []PreviousKey `json:"previousKeys,omitempty"`
+
+	// Previous, PreviousCertificate and PreviousKeyExpiry are the single previous slot of records
+	// written before PreviousKeys existed; migrate moves them into PreviousKeys on read and they
+	// are never written again.
 	Previous            *store.KeyRef `json:"previous,omitempty"`
 	PreviousCertificate string        `json:"previousCertificate,omitempty"`
 	PreviousKeyExpiry   *time.Time    `json:"previousKeyExpiry,omitempty"`
@@ -85,6 +93,39 @@ type Chain struct {
 	LastRotatedAt *time.Time `json:"lastRotatedAt,omitempty"`
 	CreatedAt     time.Time  `json:"createdAt"`
 	UpdatedAt     time.Time  `json:"updatedAt"`
+}
+
+// PreviousKey is a rotated-out key with the certificate chain it had and the end of its grace.
+type PreviousKey struct {
+	Key         store.KeyRef `json:"key"`
+	Certificate string       `json:"certificate,omitempty"`
+	Expiry      time.Time    `json:"expiry"`
+}
+
+// MaxPreviousKeys bounds the keys a chain keeps in their grace period: a rotation that would keep
+// more is refused (409) rather than deleting a key whose tokens may still be in use.
+const MaxPreviousKeys = 16
+
+// migrate moves a legacy single previous key into PreviousKeys.
+func (c *Chain) migrate() {
+	if c.Previous == nil {
+		c.PreviousCertificate, c.PreviousKeyExpiry = "", nil
+		return
+	}
+	pk := PreviousKey{Key: *c.Previous, Certificate: c.PreviousCertificate}
+	if c.PreviousKeyExpiry != nil {
+		pk.Expiry = *c.PreviousKeyExpiry
+	}
+	c.PreviousKeys = append([]PreviousKey{pk}, c.PreviousKeys...)
+	c.Previous, c.PreviousCertificate, c.PreviousKeyExpiry = nil, "", nil
+}
+
+// latestPrevious is the most recently rotated-out key, or nil.
+func (c *Chain) latestPrevious() *PreviousKey {
+	if len(c.PreviousKeys) == 0 {
+		return nil
+	}
+	return &c.PreviousKeys[len(c.PreviousKeys)-1]
 }
 
 // Policy is the stored rotation policy.
@@ -105,8 +146,8 @@ func (c *Chain) Type() string {
 // keys lists every key the chain holds (for deletion).
 func (c *Chain) keys() []store.KeyRef {
 	out := []store.KeyRef{c.Active}
-	if c.Previous != nil {
-		out = append(out, *c.Previous)
+	for _, p := range c.PreviousKeys {
+		out = append(out, p.Key)
 	}
 	if c.Root != nil {
 		out = append(out, *c.Root)
@@ -145,7 +186,7 @@ func publicOf(k store.KeyRef) (*ecdsa.PublicKey, error) {
 	return keyutil.ParsePublicJWK(k.PublicJWK)
 }
 
-// ---- request DTOs (eudiplo-compat §1.3) ----
+// ---- request DTOs (the shapes EUDIPLO's key-chain API accepts) ----
 
 // PolicyInput is the rotationPolicy object of create/import/update requests. Pointers tell
 // "absent" from zero so update can patch and validation can say what is missing.
@@ -221,7 +262,7 @@ type JWSResult struct {
 	KID string `json:"kid"`
 }
 
-// ---- response DTOs (eudiplo-compat §1.3.4) ----
+// ---- response DTOs (the shapes EUDIPLO's key-chain API returns) ----
 
 // PublicKeyInfo is the activePublicKey/previousPublicKey of a response: no coordinates.
 type PublicKeyInfo struct {

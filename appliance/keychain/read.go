@@ -59,9 +59,9 @@ func (s *Service) response(c *Chain) *Response {
 	if c.Type() == TypeInternalChain {
 		r.RootCertificate = certInfo(c.RootCertificate)
 	}
-	if c.Previous != nil {
-		pk := pubInfo(*c.Previous)
-		r.PreviousPublicKey, r.PreviousCertificate, r.PreviousKeyExpiry = &pk, certInfo(c.PreviousCertificate), c.PreviousKeyExpiry
+	if p := c.latestPrevious(); p != nil {
+		pk, exp := pubInfo(p.Key), p.Expiry
+		r.PreviousPublicKey, r.PreviousCertificate, r.PreviousKeyExpiry = &pk, certInfo(p.Certificate), &exp
 	}
 	if next, ok := c.nextRotation(); ok {
 		r.RotationPolicy.NextRotationAt = &next
@@ -79,11 +79,11 @@ func (s *Service) Update(ctx context.Context, tenant, id string, req UpdateReque
 	if err := validatePolicy(req.RotationPolicy, false); err != nil {
 		return err
 	}
-	defer s.lock(tenant, id)()
-	c, err := s.load(ctx, tenant, id)
+	c, unlock, err := s.lockExisting(ctx, tenant, id)
 	if err != nil {
 		return err
 	}
+	defer unlock()
 	if req.ActiveCertificate != nil {
 		if c.Usage == KeyUseEncrypt {
 			return badRequest("validation_failed", "encrypt key chains carry no certificate")
@@ -126,11 +126,11 @@ func pemEntries(s string) ([]string, error) {
 
 // Delete removes the chain and all its keys (active, previous, root) from their backends.
 func (s *Service) Delete(ctx context.Context, tenant, id string) error {
-	defer s.lock(tenant, id)()
-	c, err := s.load(ctx, tenant, id)
+	c, unlock, err := s.lockExisting(ctx, tenant, id)
 	if err != nil {
 		return err
 	}
+	defer unlock()
 	for _, k := range c.keys() {
 		if err := s.deleteKey(ctx, tenant, k); err != nil {
 			kind := errs.KindOf(err)
@@ -138,12 +138,13 @@ func (s *Service) Delete(ctx context.Context, tenant, id string) error {
 				// Transient: keep the chain so a retry deletes the remaining keys.
 				return err
 			}
-			s.log.Warn("key chain delete: key could not be deleted in its backend", "chain", id, "kid", k.KID, "err", err)
+			s.log.Warn("key chain delete: key could not be deleted in its backend", "chain", id, "kid", k.KID, "error", err)
 		}
 	}
 	if err := s.st.Delete(ctx, chainKey(tenant, id)); err != nil {
 		return fmt.Errorf("delete key chain %s: %w", id, err)
 	}
+	s.idx.remove(tenant, id)
 	return nil
 }
 

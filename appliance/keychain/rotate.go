@@ -22,25 +22,25 @@ func (s *Service) Rotate(ctx context.Context, tenant, id, trigger string) (err e
 			s.m.RotationsTotal.WithLabelValues(trigger, res).Inc()
 		}
 	}()
-	defer s.lock(tenant, id)()
-	c, err := s.load(ctx, tenant, id)
+	c, unlock, err := s.lockExisting(ctx, tenant, id)
 	if err != nil {
 		return err
 	}
+	defer unlock()
 	return s.rotateLocked(ctx, c)
 }
 
 // rotateIfDue re-checks under the chain lock that the chain is still due (a manual rotation or an
 // update may have happened since the scheduler listed it) and rotates it.
 func (s *Service) rotateIfDue(ctx context.Context, tenant, id string) (done bool, err error) {
-	defer s.lock(tenant, id)()
-	c, err := s.load(ctx, tenant, id)
+	c, unlock, err := s.lockExisting(ctx, tenant, id)
 	if err != nil {
 		if errs.KindOf(err) == errs.NotFound {
 			return false, nil // deleted meanwhile
 		}
 		return false, err
 	}
+	defer unlock()
 	if next, ok := c.nextRotation(); !ok || s.now().Before(next) {
 		return false, nil
 	}
@@ -57,7 +57,8 @@ func (s *Service) rotateIfDue(ctx context.Context, tenant, id string) (done bool
 
 // rotateLocked rotates c. Order matters for "a failed rotation leaves the chain as it was": the
 // new key and certificate are made first, then one store write switches over; any failure
-// before the write deletes the new key and leaves the record untouched.
+// before the write deletes the new key and leaves the record untouched. The outgoing active key
+// joins the previous keys, each kept until its own grace period ends.
 func (s *Service) rotateLocked(ctx context.Context, c *Chain) error {
 	prov, err := s.reg.Get(c.Provider)
 	if err != nil {
@@ -65,6 +66,14 @@ func (s *Service) rotateLocked(ctx context.Context, c *Chain) error {
 	}
 	if !prov.Capabilities().CanCreate {
 		return cannotCreate(prov)
+	}
+	if err := s.pruneLocked(ctx, c); err != nil {
+		return err
+	}
+	if len(c.PreviousKeys) >= MaxPreviousKeys {
+		return errs.Errorf(errs.Conflict, "key chain %q already keeps %d previous keys in their grace period: "+
+			"rotate again once the oldest one's grace has ended (%s)", c.ID, len(c.PreviousKeys),
+			c.PreviousKeys[0].Expiry.Format(time.RFC3339)).WithCode("too_many_previous_keys")
 	}
 	now := s.now()
 	kid := s.rotationKID(c, now)
@@ -83,10 +92,8 @@ func (s *Service) rotateLocked(ctx context.Context, c *Chain) error {
 		}
 	}
 	next := *c
-	older := c.Previous
-	prev := c.Active
-	exp := now.Add(s.grace)
-	next.Previous, next.PreviousCertificate, next.PreviousKeyExpiry = &prev, c.ActiveCertificate, &exp
+	next.PreviousKeys = append(append(make([]PreviousKey, 0, len(c.PreviousKeys)+1), c.PreviousKeys...),
+		PreviousKey{Key: c.Active, Certificate: c.ActiveCertificate, Expiry: now.Add(s.grace)})
 	next.Active, next.ActiveCertificate = nk, certPEM
 	next.LastRotatedAt = &now
 	next.UpdatedAt = now
@@ -94,13 +101,39 @@ func (s *Service) rotateLocked(ctx context.Context, c *Chain) error {
 		return err
 	}
 	*c = next
-	// Only one previous slot: the key it held is no longer published, so delete it now instead of
-	// leaking it in the backend (EUDIPLO never deletes).
-	if older != nil {
-		if err := s.deleteKey(ctx, c.Tenant, *older); err != nil {
-			s.log.Warn("rotation: could not delete the older previous key", "chain", c.ID, "kid", older.KID, "err", err)
+	return nil
+}
+
+// pruneLocked deletes the previous keys whose grace period is over: first in their backend, then
+// from the record. A key the backend refuses to delete stays in the record so a later pass
+// retries; it is no longer published either way, because the JWKS filters on the expiry.
+func (s *Service) pruneLocked(ctx context.Context, c *Chain) error {
+	now := s.now()
+	kept := make([]PreviousKey, 0, len(c.PreviousKeys))
+	for _, p := range c.PreviousKeys {
+		if now.Before(p.Expiry) {
+			kept = append(kept, p)
+			continue
+		}
+		if err := s.deleteKey(ctx, c.Tenant, p.Key); err != nil {
+			kept = append(kept, p)
+			s.log.Warn("could not delete an expired previous key", "tenant", c.Tenant, "chain", c.ID,
+				"kid", p.Key.KID, "error", err)
 		}
 	}
+	if len(kept) == len(c.PreviousKeys) {
+		return nil
+	}
+	next := *c
+	next.PreviousKeys = kept
+	if len(kept) == 0 {
+		next.PreviousKeys = nil
+	}
+	next.UpdatedAt = now
+	if err := s.save(ctx, &next); err != nil {
+		return err
+	}
+	*c = next
 	return nil
 }
 
@@ -110,7 +143,10 @@ func (s *Service) rotationKID(c *Chain, now time.Time) string {
 	ms := now.UnixMilli()
 	for {
 		kid := c.ID + "-" + strconv.FormatInt(ms, 10)
-		used := kid == c.Active.KID || (c.Previous != nil && kid == c.Previous.KID) || (c.Root != nil && kid == c.Root.KID)
+		used := false
+		for _, k := range c.keys() {
+			used = used || k.KID == kid
+		}
 		if !used {
 			return kid
 		}
@@ -148,32 +184,37 @@ func (s *Service) leafFor(ctx context.Context, c *Chain, prov providers.Provider
 	return joinPEM(pemOf(leaf), rootPEM), nil
 }
 
-// expirePrevious deletes a previous key whose grace period is over: first in its backend, then
-// from the record. If the backend refuses, the record keeps it so the next tick retries; it is no
-// longer published either way because JWKS filters on the expiry.
+// expirePrevious deletes the chain's previous keys whose grace period is over.
 func (s *Service) expirePrevious(ctx context.Context, tenant, id string) error {
-	defer s.lock(tenant, id)()
-	c, err := s.load(ctx, tenant, id)
+	c, unlock, err := s.lockExisting(ctx, tenant, id)
 	if err != nil {
+		if errs.KindOf(err) == errs.NotFound {
+			return nil // deleted meanwhile
+		}
 		return err
 	}
-	if c.Previous == nil || c.PreviousKeyExpiry == nil || s.now().Before(*c.PreviousKeyExpiry) {
-		return nil
-	}
-	if err := s.deleteKey(ctx, tenant, *c.Previous); err != nil {
-		return err
-	}
-	c.Previous, c.PreviousCertificate, c.PreviousKeyExpiry = nil, "", nil
-	c.UpdatedAt = s.now()
-	return s.save(ctx, c)
+	defer unlock()
+	return s.pruneLocked(ctx, c)
 }
 
-// Tick runs one scheduler pass: rotates due chains and deletes expired previous keys. Errors are
-// logged per chain and never stop the pass. It returns the number of rotations.
+// hasExpired reports whether a previous key's grace period is over at now.
+func (c *Chain) hasExpired(now time.Time) bool {
+	for _, p := range c.PreviousKeys {
+		if !now.Before(p.Expiry) {
+			return true
+		}
+	}
+	return false
+}
+
+// Tick runs one scheduler pass: retries failed tenant bootstraps, rotates due chains and deletes
+// expired previous keys. Errors are logged per chain and never stop the pass. It returns the
+// number of rotations.
 func (s *Service) Tick(ctx context.Context) int {
+	s.RetryBootstraps(ctx)
 	chains, err := s.list(ctx, prefixChain)
 	if err != nil {
-		s.log.Error("rotation scheduler: list key chains", "err", err)
+		s.log.Error("rotation scheduler: list key chains", "error", err)
 		return 0
 	}
 	rotated := 0
@@ -186,16 +227,16 @@ func (s *Service) Tick(ctx context.Context) int {
 			done, err := s.rotateIfDue(ctx, c.Tenant, c.ID)
 			switch {
 			case err != nil:
-				s.log.Error("rotation scheduler: rotation failed", "tenant", c.Tenant, "chain", c.ID, "err", err)
+				s.log.Error("rotation scheduler: rotation failed", "tenant", c.Tenant, "chain", c.ID, "error", err)
 			case done:
 				rotated++
 				s.log.Info("rotation scheduler: rotated key chain", "tenant", c.Tenant, "chain", c.ID)
 			}
 		}
-		if c.Previous != nil && c.PreviousKeyExpiry != nil && !now.Before(*c.PreviousKeyExpiry) {
+		if c.hasExpired(now) {
 			if err := s.expirePrevious(ctx, c.Tenant, c.ID); err != nil {
 				s.log.Warn("rotation scheduler: could not delete an expired previous key", "tenant", c.Tenant,
-					"chain", c.ID, "err", err)
+					"chain", c.ID, "error", err)
 			}
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"regexp"
 	"sort"
@@ -74,6 +75,8 @@ type Config struct {
 	Grace time.Duration
 	// Now is the clock (default time.Now); tests move it to trigger rotation and expiry.
 	Now func() time.Time
+	// MaxChainsPerTenant caps how many key chains one tenant may hold (0 or negative: no cap).
+	MaxChainsPerTenant int
 }
 
 // Service manages key chains. It is safe for concurrent use; mutations of one chain are
@@ -91,13 +94,25 @@ type Service struct {
 	clockMu sync.RWMutex
 	clock   func() time.Time
 
-	locks sync.Map // chainKey -> *sync.Mutex
+	// locks serialise mutations of one chain. A fixed set of stripes chosen by a hash of
+	// tenant+id: its size never grows with the ids callers send (a map of per-chain mutexes
+	// did, and any manage key could exhaust memory with random ids).
+	locks    [lockStripes]sync.Mutex
+	lockSeed maphash.Seed
+
+	idx       *index
+	maxChains int
 }
+
+// lockStripes is the number of chain-lock stripes: enough that unrelated chains rarely wait on
+// each other, fixed so the lock table costs the same whatever is requested.
+const lockStripes = 256
 
 // New builds the service.
 func New(c Config) *Service {
 	s := &Service{st: c.Store, reg: c.Registry, ten: c.Tenants, m: c.Metrics, log: c.Logger,
-		prof: newCertProfile(c.PublicURL, c.Country), grace: c.Grace, clock: c.Now}
+		prof: newCertProfile(c.PublicURL, c.Country), grace: c.Grace, clock: c.Now,
+		lockSeed: maphash.MakeSeed(), idx: newIndex(), maxChains: c.MaxChainsPerTenant}
 	if s.grace <= 0 {
 		s.grace = DefaultGrace
 	}
@@ -127,11 +142,39 @@ func (s *Service) now() time.Time {
 	return s.clock().UTC()
 }
 
+// lock takes the stripe of tenant+id. Callers validate the id and look the chain up first, so
+// unknown ids never wait on (or contend for) a stripe. No caller holds two stripes at once.
 func (s *Service) lock(tenant, id string) func() {
-	v, _ := s.locks.LoadOrStore(chainKey(tenant, id), &sync.Mutex{})
-	mu := v.(*sync.Mutex)
+	var h maphash.Hash
+	h.SetSeed(s.lockSeed)
+	h.WriteString(tenant)
+	h.WriteByte(0)
+	h.WriteString(id)
+	mu := &s.locks[h.Sum64()%lockStripes]
 	mu.Lock()
 	return mu.Unlock
+}
+
+// lockExisting validates id, checks in the index that the tenant has such a chain, and only then
+// takes its lock and loads it. An unknown or malformed id answers 404 without locking anything.
+func (s *Service) lockExisting(ctx context.Context, tenant, id string) (*Chain, func(), error) {
+	if !idRe.MatchString(id) {
+		return nil, nil, errNotFound(id)
+	}
+	ok, err := s.idx.has(ctx, s, tenant, id)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !ok {
+		return nil, nil, errNotFound(id)
+	}
+	unlock := s.lock(tenant, id)
+	c, err := s.load(ctx, tenant, id)
+	if err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return c, unlock, nil
 }
 
 func errNotFound(id string) error {
@@ -149,6 +192,7 @@ func (s *Service) load(ctx context.Context, tenant, id string) (*Chain, error) {
 		}
 		return nil, fmt.Errorf("load key chain %s: %w", id, err)
 	}
+	c.migrate()
 	return &c, nil
 }
 
@@ -156,6 +200,7 @@ func (s *Service) save(ctx context.Context, c *Chain) error {
 	if err := s.st.Put(ctx, chainKey(c.Tenant, c.ID), c); err != nil {
 		return fmt.Errorf("store key chain %s: %w", c.ID, err)
 	}
+	s.idx.put(c)
 	return nil
 }
 
@@ -166,6 +211,7 @@ func (s *Service) list(ctx context.Context, prefix string) ([]*Chain, error) {
 		if err := json.Unmarshal(val, &c); err != nil {
 			return fmt.Errorf("decode key chain %q: %w", key, err)
 		}
+		c.migrate()
 		out = append(out, &c)
 		return nil
 	})

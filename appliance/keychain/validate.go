@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
@@ -72,12 +73,54 @@ func parseCertEntry(s string) (*x509.Certificate, error) {
 	return c, nil
 }
 
-// validateChain parses and checks an imported certificate array: every entry parses, is a P-256
-// EC certificate, is valid at now, and each entry is signed by the next one (leaf first). A last
-// entry that is self-issued must carry a valid self-signature. Every failure names the entry.
+// Bounds of a stored certificate chain. A real chain is a leaf, maybe an intermediate or two and
+// a root: a few KiB. Without a bound one tenant could store a megabyte-long chain that every JWS
+// with x5c=chain decodes and sends.
+const (
+	MaxChainCerts = 10
+	MaxChainDER   = 64 << 10
+)
+
+func chainTooLong(field string, format string, args ...any) error {
+	return badRequest("chain_too_long", field+" "+format, args...)
+}
+
+// checkChainSize enforces MaxChainCerts and MaxChainDER on parsed certificates.
+func checkChainSize(field string, certs []*x509.Certificate) error {
+	if len(certs) > MaxChainCerts {
+		return chainTooLong(field, "holds %d certificates; at most %d are accepted", len(certs), MaxChainCerts)
+	}
+	total := 0
+	for _, c := range certs {
+		total += len(c.Raw)
+	}
+	if total > MaxChainDER {
+		return chainTooLong(field, "holds %d bytes of DER; at most %d are accepted", total, MaxChainDER)
+	}
+	return nil
+}
+
+// validateChain parses and checks an imported certificate array: at most MaxChainCerts entries
+// and MaxChainDER bytes, no certificate twice, every entry parses, is a P-256 EC certificate, is
+// valid at now, and each entry is signed by the next one (leaf first) with no issuer link pointing
+// back to an earlier entry. A last entry that is self-issued must carry a valid self-signature.
+// Every failure names the entry.
 func validateChain(field string, entries []string, now time.Time) ([]*x509.Certificate, error) {
 	n := len(entries)
+	if n > MaxChainCerts {
+		return nil, chainTooLong(field, "holds %d certificates; at most %d are accepted", n, MaxChainCerts)
+	}
+	size := 0
+	for _, e := range entries {
+		size += len(e)
+	}
+	// PEM and base64 are 4/3 of the DER plus line breaks: anything above twice the DER bound
+	// cannot fit and is refused before it is decoded.
+	if size > 2*MaxChainDER {
+		return nil, chainTooLong(field, "is %d bytes long; at most %d bytes of DER are accepted", size, MaxChainDER)
+	}
 	certs := make([]*x509.Certificate, n)
+	seen := make(map[[sha256.Size]byte]int, n)
 	for i, e := range entries {
 		c, err := parseCertEntry(e)
 		if err != nil {
@@ -95,7 +138,16 @@ func validateChain(field string, entries []string, now time.Time) ([]*x509.Certi
 			return nil, badCert("%s (subject %q) expired at %s", label(field, i, n), dnString(c.Subject),
 				c.NotAfter.UTC().Format(time.RFC3339))
 		}
+		sum := sha256.Sum256(c.Raw)
+		if j, dup := seen[sum]; dup {
+			return nil, badRequest("duplicate_certificate", "%s repeats %s: give each certificate once",
+				label(field, i, n), label(field, j, n))
+		}
+		seen[sum] = i
 		certs[i] = c
+	}
+	if err := checkChainSize(field, certs); err != nil {
+		return nil, err
 	}
 	for i := 0; i+1 < n; i++ {
 		child, parent := certs[i], certs[i+1]
@@ -107,6 +159,10 @@ func validateChain(field string, entries []string, now time.Time) ([]*x509.Certi
 			return nil, badCert("%s is not validly signed by %s: %v", label(field, i, n), label(field, i+1, n), err)
 		}
 	}
+	// After the order check, so a chain given root first is told to be leaf first, not a loop.
+	if err := checkLoop(field, certs); err != nil {
+		return nil, err
+	}
 	if n > 0 {
 		last := certs[n-1]
 		if bytes.Equal(last.RawIssuer, last.RawSubject) && (last.BasicConstraintsValid && last.IsCA) {
@@ -116,6 +172,26 @@ func validateChain(field string, entries []string, now time.Time) ([]*x509.Certi
 		}
 	}
 	return certs, nil
+}
+
+// checkLoop refuses a chain in which a certificate is issued by one that comes before it: the
+// issuer links then run in a circle instead of ending at a root. "Issued by" means the issuer name
+// matches the earlier certificate's subject and the signature verifies with its key, so a CA
+// that re-keys under the same name (a self-issued rollover certificate) is not taken for a loop.
+func checkLoop(field string, certs []*x509.Certificate) error {
+	n := len(certs)
+	for i := 1; i < n; i++ {
+		for j := 0; j < i; j++ {
+			if !bytes.Equal(certs[i].RawIssuer, certs[j].RawSubject) {
+				continue
+			}
+			if certs[j].CheckSignature(certs[i].SignatureAlgorithm, certs[i].RawTBSCertificate, certs[i].Signature) == nil {
+				return badRequest("chain_loop", "%s is issued by %s, which comes before it: the issuer links loop",
+					label(field, i, n), label(field, j, n))
+			}
+		}
+	}
+	return nil
 }
 
 // requireKeyMatch checks that cert holds pub.
