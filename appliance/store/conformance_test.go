@@ -30,7 +30,9 @@ func engines(t *testing.T) []engine {
 	if testing.Short() {
 		return []engine{badgerEng}
 	}
+	start := time.Now()
 	pg := testenv.StartPostgres(t)
+	t.Logf("PostgreSQL server (initdb + pg_ctl start) up in %v", time.Since(start).Round(time.Millisecond))
 	return []engine{badgerEng, {"postgres", func(t *testing.T) *Store {
 		s, err := OpenPostgres(context.Background(), pg.NewDatabase(t), PostgresOptions{})
 		if err != nil {

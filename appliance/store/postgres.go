@@ -65,6 +65,12 @@ func OpenPostgres(ctx context.Context, dsn string, o PostgresOptions) (*Store, e
 	if o.Password != "" {
 		cfg.ConnConfig.Password = o.Password
 	}
+	// pgx sizes the pool by CPU count (4 on small hosts). Signing never waits on the store, but
+	// a burst of admin writes, each a transaction plus the reads around it, would queue behind
+	// 4 connections; pool_max_conns in the URL still overrides this.
+	if !strings.Contains(dsn, "pool_max_conns") && cfg.MaxConns < 16 {
+		cfg.MaxConns = 16
+	}
 	if o.ConnectTimeout <= 0 {
 		o.ConnectTimeout = 10 * time.Second
 	}
