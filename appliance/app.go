@@ -34,15 +34,19 @@ import (
 
 // Options configure one appliance instance.
 type Options struct {
-	Listen        string
-	ConfigDir     string
-	DataDir       string
-	Dev           bool
-	MasterKeyEnv  string
-	MasterKeyFile string
-	CredsDir      string
-	AdminSocket   string // "" = <data-dir>/admin.sock; "-" disables it
-	PublicURL     string
+	Listen    string
+	ConfigDir string
+	DataDir   string
+	// Store is a postgres:// URL selecting the shared PostgreSQL store; empty keeps Badger under
+	// DataDir. StorePasswordFile holds its password (else the systemd credential store-password).
+	Store             string
+	StorePasswordFile string
+	Dev               bool
+	MasterKeyEnv      string
+	MasterKeyFile     string
+	CredsDir          string
+	AdminSocket       string // "" = <data-dir>/admin.sock; "-" disables it
+	PublicURL         string
 	// CertCountry is the C= of generated certificate subjects.
 	CertCountry string
 	// ConfigImportForce re-imports key chains from the config folder even when they exist.
@@ -114,6 +118,11 @@ func (o Options) SocketPath() string {
 	return o.AdminSocket
 }
 
+func (o Options) storeOptions() StoreOptions {
+	return StoreOptions{URL: o.Store, PasswordFile: o.StorePasswordFile, CredsDir: o.CredsDir, DataDir: o.DataDir,
+		Logger: o.Logger}
+}
+
 // masterKeyCheck is a sealed constant stored once, so a wrong master key is caught at start-up with
 // a clear message instead of failing on the first signature.
 const masterKeyCheck = "kmsgate master key check"
@@ -151,7 +160,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		return nil, err
 	}
 	clear(key)
-	if a.store, err = store.Open(DBDir(o.DataDir), store.Options{Logger: o.Logger}); err != nil {
+	if a.store, err = OpenStore(ctx, o.storeOptions()); err != nil {
 		return nil, err
 	}
 	if err := a.checkMasterKey(ctx); err != nil {
@@ -199,8 +208,8 @@ func (a *Appliance) checkMasterKey(ctx context.Context) error {
 		return err
 	}
 	if _, err := a.sealer.Open(sealed, aad); err != nil {
-		return errors.New("the master key does not match the one this data directory was created with: " +
-			"start with the original KMSGATE_MASTER_KEY / master-key file")
+		return fmt.Errorf("the master key does not match the one the store %s was created with: "+
+			"start with the original KMSGATE_MASTER_KEY / master-key file", a.opts.storeOptions().Location())
 	}
 	return nil
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests and the benchmark need, idempotently: Debian packages (SoftHSM2,
-# OpenSC, openssl, promtool, iproute2), staticcheck, local-kms (AWS KMS API server) and a Vault
+# OpenSC, openssl, promtool, iproute2, PostgreSQL), staticcheck, local-kms (AWS KMS API server) and a Vault
 # binary built from the module proxy (cached under ~/.cache/kmsgate-tools). A missing dependency is
 # an error here, never a skipped test later.
 set -euo pipefail
@@ -19,6 +19,8 @@ command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v gcc >/dev/null || need_pkgs+=(gcc libc6-dev)
 command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
 command -v dpkg-deb >/dev/null || need_pkgs+=(dpkg)
+# The store tests start their own PostgreSQL servers from the Debian server binaries.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_pkgs+=(postgresql)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages: ${need_pkgs[*]} — run as root or: sudo apt-get install ${need_pkgs[*]}" >&2

@@ -66,6 +66,19 @@ type globalFlags struct {
 	configDir string
 	dataDir   string
 	logLevel  string
+	// store is --store; the environment fallback is read at run time, not used as the flag's
+	// default, so `--help` never prints a URL that may hold a password.
+	store             string
+	storePasswordFile string
+}
+
+func (g *globalFlags) storeOptions(logger *slog.Logger) appliance.StoreOptions {
+	u := g.store
+	if u == "" {
+		u = os.Getenv("KMSGATE_STORE")
+	}
+	return appliance.StoreOptions{URL: u, PasswordFile: g.storePasswordFile, CredsDir: os.Getenv("CREDENTIALS_DIRECTORY"),
+		DataDir: g.dataDir, Logger: logger}
 }
 
 // NewRootCmd builds the kmsgate command tree.
@@ -81,12 +94,16 @@ func NewRootCmd(bi BuildInfo) *cobra.Command {
 		"directory holding kms.json and <tenant>/key-chains/ (env KMSGATE_CONFIG_DIR)")
 	root.PersistentFlags().StringVar(&g.dataDir, "data-dir", envOr("KMSGATE_DATA_DIR", "/var/lib/kmsgate"),
 		"directory of the embedded store (env KMSGATE_DATA_DIR)")
+	root.PersistentFlags().StringVar(&g.store, "store", "",
+		"postgres:// URL of a shared PostgreSQL store; unset: the embedded store under --data-dir (env KMSGATE_STORE)")
+	root.PersistentFlags().StringVar(&g.storePasswordFile, "store-password-file", os.Getenv("KMSGATE_STORE_PASSWORD_FILE"),
+		"file holding the PostgreSQL password (default: the systemd credential store-password; env KMSGATE_STORE_PASSWORD_FILE)")
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", envOr("KMSGATE_LOG_LEVEL", "info"), "debug, info, warn or error")
 	loadKMS := func() (*config.KMS, error) {
 		return config.LoadKMS(g.configDir, os.LookupEnv, appliance.ProviderCatalog())
 	}
 	root.AddCommand(newServeCmd(g, bi), newVersionCmd(bi), newConfigCmd(loadKMS), newTenantCmd(g), newAdminCmd(g),
-		newHSMCmd(), newDoctorCmd(loadKMS))
+		newHSMCmd(), newDoctorCmd(loadKMS), newStoreCmd(g))
 	return root
 }
 
@@ -114,6 +131,8 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.ConfigDir, o.DataDir = g.configDir, g.dataDir
+			so := g.storeOptions(nil)
+			o.Store, o.StorePasswordFile = so.URL, so.PasswordFile
 			o.Version, o.Commit = bi.Version, bi.Commit
 			o.Logger = g.logger(cmd.ErrOrStderr())
 			o.Out = cmd.OutOrStdout()
@@ -239,9 +258,11 @@ func (c *adminClient) do(method, path string, body, out any) error {
 	return json.Unmarshal(b, out)
 }
 
-// withOffline opens the store directly when no server is running on this data dir.
+// withOffline opens the store directly when no server's admin socket answers: a stopped data dir,
+// or the shared PostgreSQL store that running replicas use too.
 func withOffline(g *globalFlags, fn func(ctx context.Context, ts *tenants.Service) error) error {
-	st, err := store.Open(appliance.DBDir(g.dataDir), store.Options{Logger: g.logger(io.Discard)})
+	ctx := context.Background()
+	st, err := appliance.OpenStore(ctx, g.storeOptions(g.logger(io.Discard)))
 	if errors.Is(err, store.ErrLocked) {
 		return fmt.Errorf("%w, but its admin socket is not reachable: pass --data-dir of the running server "+
 			"or check the socket's permissions", err)
@@ -250,7 +271,6 @@ func withOffline(g *globalFlags, fn func(ctx context.Context, ts *tenants.Servic
 		return err
 	}
 	defer st.Close()
-	ctx := context.Background()
 	ts, err := tenants.New(ctx, st, tenants.WithProviders(func() ([]string, error) {
 		k, err := config.LoadKMS(g.configDir, os.LookupEnv, appliance.ProviderCatalog())
 		if err != nil {

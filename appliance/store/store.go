@@ -1,6 +1,7 @@
-// Package store is kmsgate's embedded database: tenants, API credentials, key references and key
-// chains in Badger, one JSON record per key. Writes are synced before they are acknowledged, so a
-// record the API confirmed survives a crash.
+// Package store is kmsgate's database: tenants, API credentials, key references and key chains,
+// one JSON record per key. Two engines sit behind it: Badger, embedded under the data dir (one
+// process), and PostgreSQL, shared by several replicas. Writes are durable before they are
+// acknowledged on both, so a record the API confirmed survives a crash.
 package store
 
 import (
@@ -9,10 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
-	"time"
-
-	badger "github.com/dgraph-io/badger/v4"
 )
 
 // ErrNotFound is returned when a record does not exist.
@@ -25,9 +22,9 @@ var ErrExists = errors.New("record already exists")
 // data directory.
 var ErrLocked = errors.New("data directory is locked by another kmsgate process")
 
-// Store wraps a Badger database.
+// Store is the record store on one of its engines.
 type Store struct {
-	db *badger.DB
+	b backend
 }
 
 // Options tunes Badger. The zero value is the appliance default.
@@ -37,165 +34,109 @@ type Options struct {
 	ReadOnly bool
 }
 
-// Open opens (creating if needed) the database under dir.
-//
-// Badger's defaults target large servers (64 MiB memtables ×5, 256 MiB block cache). kmsgate stores
-// at most a few hundred thousand small records and reads hot ones from its own caches, so smaller
-// memtables and caches keep the appliance's RSS in the tens of MiB without slowing it down.
+// Open opens (creating if needed) the Badger database under dir.
 func Open(dir string, o Options) (*Store, error) {
-	opts := badger.DefaultOptions(dir).
-		WithSyncWrites(true).
-		WithMemTableSize(8 << 20).
-		WithNumMemtables(2).
-		WithNumLevelZeroTables(2).
-		WithNumLevelZeroTablesStall(8).
-		WithBlockCacheSize(8 << 20).
-		WithIndexCacheSize(4 << 20).
-		WithValueLogFileSize(64 << 20).
-		WithValueThreshold(1 << 10).
-		WithNumCompactors(2).
-		WithCompactL0OnClose(true).
-		WithMetricsEnabled(false).
-		WithReadOnly(o.ReadOnly).
-		WithLogger(badgerLogger{l: o.Logger})
-	if o.InMemory {
-		opts = opts.WithInMemory(true).WithDir("").WithValueDir("")
-	}
-	db, err := badger.Open(opts)
+	b, err := openBadger(dir, o)
 	if err != nil {
-		if isLockErr(err) {
-			return nil, fmt.Errorf("%w (%s): %v", ErrLocked, dir, err)
-		}
-		return nil, fmt.Errorf("open store %s: %w", dir, err)
+		return nil, err
 	}
-	return &Store{db: db}, nil
-}
-
-// Badger reports a held directory lock only as text.
-func isLockErr(err error) bool {
-	s := err.Error()
-	return strings.Contains(s, "Cannot acquire directory lock") || strings.Contains(s, "resource temporarily unavailable")
+	return &Store{b: b}, nil
 }
 
 // Close flushes and closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error { return s.b.close() }
 
-// RunGC reclaims value-log space; call it periodically.
-func (s *Store) RunGC() {
-	for s.db.RunValueLogGC(0.5) == nil {
-	}
-}
+// RunGC reclaims space where the engine needs the application to ask (Badger's value log);
+// call it periodically.
+func (s *Store) RunGC() { s.b.gc() }
 
 // Get decodes the record at key into v.
-func (s *Store) Get(_ context.Context, key string, v any) error {
-	return s.db.View(func(txn *badger.Txn) error { return getTxn(txn, key, v) })
+func (s *Store) Get(ctx context.Context, key string, v any) error {
+	b, err := s.b.get(ctx, key)
+	if err != nil {
+		return err
+	}
+	return decode(key, b, v)
 }
 
-func getTxn(txn *badger.Txn, key string, v any) error {
-	item, err := txn.Get([]byte(key))
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return ErrNotFound
+func decode(key string, b []byte, v any) error {
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("store decode %q: %w", key, err)
 	}
+	return nil
+}
+
+func encode(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
 	if err != nil {
-		return fmt.Errorf("store get: %w", err)
+		return nil, fmt.Errorf("store encode: %w", err)
 	}
-	return item.Value(func(b []byte) error {
-		if err := json.Unmarshal(b, v); err != nil {
-			return fmt.Errorf("store decode %q: %w", key, err)
-		}
-		return nil
-	})
+	return b, nil
 }
 
 // Put writes v at key (insert or replace).
-func (s *Store) Put(_ context.Context, key string, v any) error {
-	b, err := json.Marshal(v)
+func (s *Store) Put(ctx context.Context, key string, v any) error {
+	b, err := encode(v)
 	if err != nil {
-		return fmt.Errorf("store encode: %w", err)
+		return err
 	}
-	return s.db.Update(func(txn *badger.Txn) error { return txn.Set([]byte(key), b) })
+	return s.b.put(ctx, key, b)
 }
 
 // Create writes v at key only if no record exists there.
-func (s *Store) Create(_ context.Context, key string, v any) error {
-	b, err := json.Marshal(v)
+func (s *Store) Create(ctx context.Context, key string, v any) error {
+	b, err := encode(v)
 	if err != nil {
-		return fmt.Errorf("store encode: %w", err)
+		return err
 	}
-	return s.db.Update(func(txn *badger.Txn) error {
-		if _, err := txn.Get([]byte(key)); err == nil {
-			return ErrExists
-		} else if !errors.Is(err, badger.ErrKeyNotFound) {
-			return fmt.Errorf("store create: %w", err)
-		}
-		return txn.Set([]byte(key), b)
-	})
+	return s.b.create(ctx, key, b)
 }
 
 // Delete removes key; a missing key is not an error.
-func (s *Store) Delete(_ context.Context, key string) error {
-	return s.db.Update(func(txn *badger.Txn) error { return txn.Delete([]byte(key)) })
-}
+func (s *Store) Delete(ctx context.Context, key string) error { return s.b.del(ctx, key) }
 
-// List calls fn for every record whose key starts with prefix, in key order. fn must copy val if
-// it keeps it.
-func (s *Store) List(_ context.Context, prefix string, fn func(key string, val []byte) error) error {
-	return s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{PrefetchValues: true, PrefetchSize: 64, Prefix: []byte(prefix)})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			item := it.Item()
-			if err := item.Value(func(b []byte) error { return fn(string(item.Key()), b) }); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+// List calls fn for every record whose key starts with prefix, in byte order of the keys. fn
+// must copy val if it keeps it.
+func (s *Store) List(ctx context.Context, prefix string, fn func(key string, val []byte) error) error {
+	return s.b.list(ctx, prefix, fn)
 }
 
 // Txn is a read-write transaction for multi-record updates that must land together.
-type Txn struct{ txn *badger.Txn }
+type Txn struct{ tx backendTxn }
 
-// Get decodes key into v.
-func (t *Txn) Get(key string, v any) error { return getTxn(t.txn, key, v) }
+// Get decodes key into v; it sees the transaction's own writes.
+func (t *Txn) Get(key string, v any) error {
+	b, err := t.tx.get(key)
+	if err != nil {
+		return err
+	}
+	return decode(key, b, v)
+}
 
 // Put writes v at key.
 func (t *Txn) Put(key string, v any) error {
-	b, err := json.Marshal(v)
+	b, err := encode(v)
 	if err != nil {
-		return fmt.Errorf("store encode: %w", err)
+		return err
 	}
-	return t.txn.Set([]byte(key), b)
+	return t.tx.put(key, b)
 }
 
-// Update runs fn in one transaction; nothing is written unless fn returns nil. Conflicting
-// concurrent transactions are retried a few times.
-func (s *Store) Update(_ context.Context, fn func(*Txn) error) error {
-	var err error
-	for i := 0; i < 5; i++ {
-		err = s.db.Update(func(txn *badger.Txn) error { return fn(&Txn{txn: txn}) })
-		if !errors.Is(err, badger.ErrConflict) {
-			return err
-		}
-		time.Sleep(time.Duration(i+1) * time.Millisecond)
+// Create writes v at key only if no record exists there (ErrExists otherwise).
+func (t *Txn) Create(key string, v any) error {
+	b, err := encode(v)
+	if err != nil {
+		return err
 	}
-	return err
+	return t.tx.create(key, b)
 }
 
-// badgerLogger hands Badger's warnings and errors to slog. Badger's text is the log message and
-// component=badger marks its origin: a "msg" attribute would duplicate the record's own "msg" key,
-// which most JSON log pipelines reject or silently collapse.
-type badgerLogger struct{ l *slog.Logger }
+// Delete removes key; a missing key is not an error.
+func (t *Txn) Delete(key string) error { return t.tx.del(key) }
 
-func (b badgerLogger) Errorf(f string, a ...any) {
-	if b.l != nil {
-		b.l.Error(strings.TrimSpace(fmt.Sprintf(f, a...)), "component", "badger")
-	}
+// Update runs fn in one serialisable transaction; nothing is written unless fn returns nil.
+// A transaction that lost a race with a concurrent one is re-run, so fn may run more than once
+// and must not have effects outside tx.
+func (s *Store) Update(ctx context.Context, fn func(*Txn) error) error {
+	return s.b.update(ctx, func(tx backendTxn) error { return fn(&Txn{tx: tx}) })
 }
-func (b badgerLogger) Warningf(f string, a ...any) {
-	if b.l != nil {
-		b.l.Warn(strings.TrimSpace(fmt.Sprintf(f, a...)), "component", "badger")
-	}
-}
-func (b badgerLogger) Infof(string, ...any)  {}
-func (b badgerLogger) Debugf(string, ...any) {}

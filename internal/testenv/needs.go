@@ -7,7 +7,7 @@ import (
 )
 
 // NeedsBackend marks a test that needs a real backend or external tool: "softhsm2" (the module and
-// softhsm2-util), "vault", "local-kms", or the name of a program looked up on PATH ("openssl",
+// softhsm2-util), "vault", "local-kms", "postgres" (the server binaries), or the name of a program looked up on PATH ("openssl",
 // "promtool", "systemd-analyze", "dpkg-deb", "curl", "jq", "gcc", …).
 //
 // Under `go test -short` the test is skipped: -short is the documented unit-test mode (no backends
@@ -31,6 +31,8 @@ func NeedsBackend(t testing.TB, name string) {
 		VaultBinary(t)
 	case "local-kms":
 		LocalKMSBinary(t)
+	case "postgres":
+		PostgresBinDir(t)
 	default:
 		if _, err := exec.LookPath(name); err != nil {
 			t.Fatalf("%s is required by this test but is not on PATH (tools/setup-test-env.sh installs every test dependency)", name)

@@ -3,13 +3,21 @@ package db_test
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
+	"github.com/kmsgate/kmsgate/internal/testenv"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/db"
 	"github.com/kmsgate/kmsgate/providers/providertest"
@@ -38,8 +46,28 @@ func openStore(t *testing.T) *store.Store {
 	return st
 }
 
-func TestContract(t *testing.T) {
-	st := openStore(t)
+// eachStore runs fn on a Badger store and on a PostgreSQL one: the provider must behave the same
+// on both engines.
+func eachStore(t *testing.T, fn func(t *testing.T, st *store.Store)) {
+	t.Run("badger", func(t *testing.T) { fn(t, openStore(t)) })
+	if testing.Short() {
+		return
+	}
+	t.Run("postgres", func(t *testing.T) { fn(t, openPostgresStore(t, testenv.PostgresDSN(t))) })
+}
+
+func openPostgresStore(t *testing.T, dsn string) *store.Store {
+	st, err := store.OpenPostgres(context.Background(), dsn, store.PostgresOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+func TestContract(t *testing.T) { eachStore(t, testContract) }
+
+func testContract(t *testing.T, st *store.Store) {
 	mk := bytes.Repeat([]byte{3}, 32)
 	r := providertest.Run(t, providertest.Harness{
 		New:          func(t *testing.T) providers.Provider { return newProvider(t, st, mk) },
@@ -52,8 +80,9 @@ func TestContract(t *testing.T) {
 	t.Logf("db provider: p50 sequential %v, p50 at 16 concurrent %v", r.P50Sequential, r.P50Concurrent)
 }
 
-func TestSealedKeyIsBoundToOwnerAndMasterKey(t *testing.T) {
-	st := openStore(t)
+func TestSealedKeyIsBoundToOwnerAndMasterKey(t *testing.T) { eachStore(t, testSealedKeyIsBound) }
+
+func testSealedKeyIsBound(t *testing.T, st *store.Store) {
 	ctx := context.Background()
 	p := newProvider(t, st, bytes.Repeat([]byte{1}, 32))
 	ref, err := p.Generate(ctx, providers.KeySpec{Tenant: "tenant-a", KID: "k1", Alg: "ES256"})
@@ -98,5 +127,54 @@ func TestSealedKeyIsBoundToOwnerAndMasterKey(t *testing.T) {
 	}
 	if err := st.Get(ctx, store.DBKeyKey(ref.ExternalID), &sealed); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("sealed record survived delete: %v", err)
+	}
+}
+
+// TestSealedKeyStaysSealedInPostgres reads the db provider's row straight from PostgreSQL: it
+// holds the same AES-GCM sealed record as Badger does, which opens only under the master key and
+// the key's owner, and neither the private scalar nor any encoding of it.
+func TestSealedKeyStaysSealedInPostgres(t *testing.T) {
+	testenv.NeedsBackend(t, "postgres")
+	ctx := context.Background()
+	dsn := testenv.PostgresDSN(t)
+	mk := bytes.Repeat([]byte{7}, 32)
+	p := newProvider(t, openPostgresStore(t, dsn), mk)
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A copy: priv.Bytes() may share its buffer with the key, which Import clears after sealing.
+	d, _ := priv.Bytes()
+	d = bytes.Clone(d)
+	ref, err := p.Import(ctx, providers.KeySpec{Tenant: "tenant-a", KID: "imported", Alg: "ES256"}, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var raw []byte
+	if err := conn.QueryRow(ctx, "SELECT value FROM records WHERE key = $1", []byte(store.DBKeyKey(ref.ExternalID))).Scan(&raw); err != nil {
+		t.Fatalf("raw row of the sealed key: %v", err)
+	}
+	for name, enc := range map[string][]byte{"raw": d, "hex": []byte(hex.EncodeToString(d)),
+		"base64": []byte(base64.StdEncoding.EncodeToString(d)), "base64url": []byte(base64.RawURLEncoding.EncodeToString(d))} {
+		if bytes.Contains(raw, enc) {
+			t.Fatalf("the PostgreSQL row holds the private scalar in clear (%s)", name)
+		}
+	}
+	var sealed []byte
+	if err := json.Unmarshal(raw, &sealed); err != nil {
+		t.Fatalf("row is not the sealed record's JSON: %v", err)
+	}
+	s, _ := seal.New(mk)
+	got, err := s.Open(sealed, aad("tenant-a", "imported"))
+	if err != nil || !bytes.Equal(got, d) {
+		t.Fatalf("the row does not open to the key under the master key and its owner: %v", err)
+	}
+	if _, err := s.Open(sealed, aad("tenant-b", "imported")); err == nil {
+		t.Fatal("the row opens for another tenant")
 	}
 }
