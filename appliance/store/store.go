@@ -168,6 +168,19 @@ func (t *Txn) Put(key string, v any) error {
 	return t.txn.Set([]byte(key), b)
 }
 
+// Create writes v at key only if no record exists there (ErrExists otherwise).
+func (t *Txn) Create(key string, v any) error {
+	if _, err := t.txn.Get([]byte(key)); err == nil {
+		return ErrExists
+	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+		return fmt.Errorf("store create: %w", err)
+	}
+	return t.Put(key, v)
+}
+
+// Delete removes key; a missing key is not an error.
+func (t *Txn) Delete(key string) error { return t.txn.Delete([]byte(key)) }
+
 // Update runs fn in one transaction; nothing is written unless fn returns nil. Conflicting
 // concurrent transactions are retried a few times.
 func (s *Store) Update(_ context.Context, fn func(*Txn) error) error {

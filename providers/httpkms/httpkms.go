@@ -124,6 +124,28 @@ func RemoteName(tenant, kid string) string {
 	return remoteNamePrefix + hex.EncodeToString(sum[:20])
 }
 
+// ExternalIDFor implements providers.Namer: the remote name a hinted Generate or Import uses.
+func (p *Provider) ExternalIDFor(spec providers.KeySpec) (string, error) {
+	if spec.ExternalID == "" {
+		return "", nil
+	}
+	return p.nameFor(spec)
+}
+
+// nameFor is the remote name of a new key: RemoteName of the kid, or of the hint when there is
+// one. The hint is NUL-prefixed, and kids never hold control characters, so a hinted name never
+// equals a kid-derived one; it is random, so a re-import gets a fresh name and the appliance
+// deletes the replaced key once the new reference is stored.
+func (p *Provider) nameFor(spec providers.KeySpec) (string, error) {
+	if spec.ExternalID == "" {
+		return RemoteName(spec.Tenant, spec.KID), nil
+	}
+	if !providers.ValidHint(spec.ExternalID) {
+		return "", p.fail(errs.BadInput, "generate", "invalid key id hint", nil)
+	}
+	return RemoteName(spec.Tenant, "\x00"+spec.ExternalID), nil
+}
+
 // remoteID is the remote name of a stored key. Keys created before names were tenant-scoped
 // carry the raw kid as ExternalID, or none at all: they keep that name.
 func remoteID(ref providers.KeyRef) string {
@@ -167,7 +189,10 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if spec.KID == "" {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid is required", nil)
 	}
-	name := RemoteName(spec.Tenant, spec.KID)
+	name, err := p.nameFor(spec)
+	if err != nil {
+		return providers.KeyRef{}, err
+	}
 	body, err := p.call(ctx, op, http.MethodPost, p.s.keysURL, map[string]string{"kid": name, "alg": providers.ES256}, false)
 	if err != nil {
 		return providers.KeyRef{}, err
@@ -191,7 +216,10 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 	if spec.KID == "" || priv == nil {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid and private key are required", nil)
 	}
-	name := RemoteName(spec.Tenant, spec.KID)
+	name, err := p.nameFor(spec)
+	if err != nil {
+		return providers.KeyRef{}, err
+	}
 	jwk, err := keyutil.PrivateJWK(priv, name, providers.ES256)
 	if err != nil {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "private key is not P-256", err)
