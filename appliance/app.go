@@ -178,6 +178,10 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	}
 	lc := keys.NewLifecycleWith(keys.LifecycleConfig{Store: a.store, Log: a.log, MaxKeysPerTenant: o.MaxKeysPerTenant})
 	a.keys = keys.NewWithLifecycle(a.store, a.registry, lc, a.log)
+	if err := lc.Backfill(ctx); err != nil {
+		a.Close()
+		return nil, err
+	}
 	a.intentsSwept = newIntentsSwept()
 	a.metrics.Registry.MustRegister(a.intentsSwept)
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"strings"
 	"time"
 
 	"github.com/kmsgate/kmsgate/appliance/store"
@@ -229,6 +230,11 @@ func (l *Lifecycle) abandon(prov providers.Provider, in *Intent, cause error) {
 		if in.ExternalID == "" {
 			return // the sweep reports it
 		}
+		if l.isOwned(in.ref()) {
+			// A deterministic name (an http re-import) that a stored reference still uses.
+			l.settle(nil, in.Tenant, in.ID, false)
+			return
+		}
 		if err := l.deleteDetached(prov, in.ref()); err != nil {
 			l.log.Warn("could not delete the backend key of a failed create; the intent sweep retries",
 				"provider", prov.ID(), "tenant", in.Tenant, "key_id", in.KID, "error", err)
@@ -236,6 +242,74 @@ func (l *Lifecycle) abandon(prov providers.Provider, in *Intent, cause error) {
 		}
 	}
 	l.settle(nil, in.Tenant, in.ID, false)
+}
+
+// isOwned reports whether a stored reference uses ref's backend key; on a store error it answers
+// true, so that nothing is deleted on doubt.
+func (l *Lifecycle) isOwned(ref providers.KeyRef) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	owned := true
+	_ = l.st.Update(ctx, func(tx *store.Txn) error {
+		var err error
+		owned, err = exists(tx, ownedKey(ref))
+		if err != nil {
+			owned = true
+		}
+		return err
+	})
+	return owned
+}
+
+// Backfill gives every key record written before owned records existed its owned record (once
+// per store, marked by a meta record), so that those keys count against the quota and a sweep
+// never deletes a backend key they use. Key-chain keys of that age are not backfilled: their
+// records belong to the key-chain face.
+func (l *Lifecycle) Backfill(ctx context.Context) error {
+	if l.st == nil {
+		return nil
+	}
+	const marker = "meta/keys-owned-v1"
+	done := false
+	if err := l.st.Update(ctx, func(tx *store.Txn) error {
+		var err error
+		done, err = exists(tx, marker)
+		return err
+	}); err != nil || done {
+		return err
+	}
+	var refs []store.KeyRef
+	if err := l.st.List(ctx, "key/", func(key string, val []byte) error {
+		var r store.KeyRef
+		tenant, _, ok := strings.Cut(strings.TrimPrefix(key, "key/"), "\x00")
+		if !ok || json.Unmarshal(val, &r) != nil || r.ProviderID == "" {
+			return nil // not a key record this pass can use
+		}
+		r.Tenant = tenant
+		refs = append(refs, r)
+		return nil
+	}); err != nil {
+		return fmt.Errorf("list key records: %w", err)
+	}
+	for _, r := range refs {
+		ref := providers.KeyRef{ProviderID: r.ProviderID, Tenant: r.Tenant, KID: r.KID, ExternalID: r.ExternalID}
+		unlock := l.lockTenant(r.Tenant)
+		err := l.st.Update(ctx, func(tx *store.Txn) error {
+			ok, err := exists(tx, ownedKey(ref))
+			if err != nil || ok {
+				return err
+			}
+			if err := l.putOwned(tx, ref); err != nil {
+				return err
+			}
+			return addCount(tx, r.Tenant, 1)
+		})
+		unlock()
+		if err != nil {
+			return fmt.Errorf("backfill owned key records: %w", err)
+		}
+	}
+	return l.st.Update(ctx, func(tx *store.Txn) error { return tx.Put(marker, true) })
 }
 
 // checkIntent verifies inside a commit transaction that in is still ours to confirm.
@@ -256,6 +330,23 @@ func checkIntent(tx *store.Txn, in *Intent) error {
 func (l *Lifecycle) putOwned(tx *store.Txn, ref providers.KeyRef) error {
 	return tx.Put(ownedKey(ref), ownedRecord{KID: ref.KID, ProviderID: ref.ProviderID, ExternalID: ref.ExternalID,
 		CreatedAt: l.now().UTC()})
+}
+
+// confirmOwned writes the owned record of a key whose intent is being confirmed: the intent's
+// count passes to it. When the record existed already (an import that replaced a key in place
+// under the same name), the key was counted twice, so the count goes down by one.
+func (l *Lifecycle) confirmOwned(tx *store.Txn, ref providers.KeyRef) error {
+	had, err := exists(tx, ownedKey(ref))
+	if err != nil {
+		return err
+	}
+	if err := l.putOwned(tx, ref); err != nil {
+		return err
+	}
+	if had {
+		return addCount(tx, ref.Tenant, -1)
+	}
+	return nil
 }
 
 // settle drops the bookkeeping of one key in one transaction and keeps the tenant's count right:

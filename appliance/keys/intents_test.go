@@ -211,3 +211,34 @@ func TestKeyQuotaIsRaceSafe(t *testing.T) {
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// Key records from before owned records existed count against the quota after the one-time
+// backfill, and only once however often it runs.
+func TestBackfillCountsOlderKeyRecords(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	if _, err := e.svc.Generate(ctx, "t1", "old", "", e.prov); err != nil {
+		t.Fatal(err)
+	}
+	// Forget the bookkeeping, as a store written by an older version has none.
+	for _, p := range []string{"keyown/", "keycount/"} {
+		var keys []string
+		e.st.List(ctx, p, func(k string, _ []byte) error { keys = append(keys, k); return nil })
+		for _, k := range keys {
+			e.st.Delete(ctx, k)
+		}
+	}
+	lc := keys.NewLifecycleWith(keys.LifecycleConfig{Store: e.st, MaxKeysPerTenant: 1})
+	for i := 0; i < 2; i++ {
+		if err := lc.Backfill(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, _ := lc.KeyCount(ctx, "t1"); n != 1 {
+		t.Fatalf("count after backfill = %d, want 1", n)
+	}
+	svc := keys.NewWithLifecycle(e.st, e.reg, lc, nil)
+	if _, err := svc.Generate(ctx, "t1", "new", "", e.prov); errs.CodeOf(err) != "quota_exceeded" {
+		t.Fatalf("an older key was not counted: %v", err)
+	}
+}

@@ -129,7 +129,7 @@ func (b *Batch) CommitTx(ctx context.Context, persist func(tx *store.Txn) error)
 			if err := checkIntent(tx, k.intent); err != nil {
 				return err
 			}
-			if err := b.l.putOwned(tx, k.ref); err != nil {
+			if err := b.l.confirmOwned(tx, k.ref); err != nil {
 				return err
 			}
 			if err := tx.Delete(intentKey(k.intent.Tenant, k.intent.ID)); err != nil {
@@ -164,7 +164,7 @@ func (b *Batch) Commit(persist func() error) error {
 				if err := checkIntent(tx, k.intent); err != nil {
 					return err
 				}
-				if err := b.l.putOwned(tx, k.ref); err != nil {
+				if err := b.l.confirmOwned(tx, k.ref); err != nil {
 					return err
 				}
 				in := *k.intent

@@ -124,7 +124,7 @@ func RemoteName(tenant, kid string) string {
 	return remoteNamePrefix + hex.EncodeToString(sum[:20])
 }
 
-// ExternalIDFor implements providers.Namer: the remote name a hinted Generate or Import uses.
+// ExternalIDFor implements providers.Namer: the remote name a Generate or Import of spec uses.
 func (p *Provider) ExternalIDFor(spec providers.KeySpec) (string, error) {
 	if spec.ExternalID == "" {
 		return "", nil
@@ -132,18 +132,15 @@ func (p *Provider) ExternalIDFor(spec providers.KeySpec) (string, error) {
 	return p.nameFor(spec)
 }
 
-// nameFor is the remote name of a new key: RemoteName of the kid, or of the hint when there is
-// one. The hint is NUL-prefixed, and kids never hold control characters, so a hinted name never
-// equals a kid-derived one; it is random, so a re-import gets a fresh name and the appliance
-// deletes the replaced key once the new reference is stored.
+// nameFor is the remote name of a new key. It stays RemoteName(tenant, kid) with or without an
+// identity hint, so that a forced re-import overwrites in place as the contract expects: it is
+// already known before the create, which is all a sweep needs (the appliance never deletes a
+// predicted name that a stored reference still uses).
 func (p *Provider) nameFor(spec providers.KeySpec) (string, error) {
-	if spec.ExternalID == "" {
-		return RemoteName(spec.Tenant, spec.KID), nil
-	}
-	if !providers.ValidHint(spec.ExternalID) {
+	if spec.ExternalID != "" && !providers.ValidHint(spec.ExternalID) {
 		return "", p.fail(errs.BadInput, "generate", "invalid key id hint", nil)
 	}
-	return RemoteName(spec.Tenant, "\x00"+spec.ExternalID), nil
+	return RemoteName(spec.Tenant, spec.KID), nil
 }
 
 // remoteID is the remote name of a stored key. Keys created before names were tenant-scoped
