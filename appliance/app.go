@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kmsgate/kmsgate/api"
 	"github.com/kmsgate/kmsgate/appliance/config"
@@ -84,6 +85,12 @@ type Options struct {
 	// MaxChainsPerTenant caps the key chains of one tenant (0: DefaultMaxChainsPerTenant;
 	// negative: no cap).
 	MaxChainsPerTenant int
+	// MaxKeysPerTenant caps a tenant's keys across both faces (0: keys.DefaultMaxKeysPerTenant;
+	// negative: no cap).
+	MaxKeysPerTenant int
+	// KeyIntentMaxAge is the age after which an unfinished key create counts as abandoned and its
+	// backend key is swept (0: DefaultKeyIntentMaxAge).
+	KeyIntentMaxAge time.Duration
 }
 
 // Appliance is a running kmsgate.
@@ -101,7 +108,8 @@ type Appliance struct {
 	app      *fiber.App
 	admin    *fiber.App
 
-	keyChains *keychain.Service
+	keyChains    *keychain.Service
+	intentsSwept *prometheus.CounterVec
 
 	mu          sync.Mutex
 	metricsAddr string
@@ -179,7 +187,14 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		a.Close()
 		return nil, err
 	}
-	a.keys = keys.New(a.store, a.registry, a.log)
+	lc := keys.NewLifecycleWith(keys.LifecycleConfig{Store: a.store, Log: a.log, MaxKeysPerTenant: o.MaxKeysPerTenant})
+	a.keys = keys.NewWithLifecycle(a.store, a.registry, lc, a.log)
+	if err := lc.Backfill(ctx); err != nil {
+		a.Close()
+		return nil, err
+	}
+	a.intentsSwept = newIntentsSwept()
+	a.metrics.Registry.MustRegister(a.intentsSwept)
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
 		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits()}
@@ -314,6 +329,8 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
+	a.startupSweep(ctx)
+	go a.intentSweepLoop(bg)
 	healthEvery := a.opts.HealthInterval
 	if healthEvery <= 0 {
 		healthEvery = DefaultHealthInterval

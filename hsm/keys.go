@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/rand"
@@ -45,13 +46,24 @@ func (s *Slot) with(ctx context.Context, f func(se *session) error) error {
 // Generate creates a P-256 key pair on the token: CKA_LABEL = label on both objects and a random
 // 16-byte CKA_ID tying them, so that two keys with one label never collide.
 func (s *Slot) Generate(ctx context.Context, label string) (Key, *ecdsa.PublicKey, error) {
-	if s.cfg.ReadOnly {
-		return Key{}, nil, ErrReadOnly
-	}
 	id := make([]byte, 16)
 	if _, err := rand.Read(id); err != nil {
 		return Key{}, nil, err
 	}
+	return s.GenerateWithID(ctx, label, id)
+}
+
+// GenerateWithID is Generate with a CKA_ID the caller chose (at least 16 random bytes), so that
+// the caller can record the key's identity before the token creates it and find the objects
+// again if it never learns the outcome (a crash, a timeout).
+func (s *Slot) GenerateWithID(ctx context.Context, label string, id []byte) (Key, *ecdsa.PublicKey, error) {
+	if s.cfg.ReadOnly {
+		return Key{}, nil, ErrReadOnly
+	}
+	if len(id) < 16 || len(id) > 64 {
+		return Key{}, nil, fmt.Errorf("CKA_ID must be 16 to 64 bytes, got %d", len(id))
+	}
+	id = bytes.Clone(id)
 	k := Key{ID: hex.EncodeToString(id), Label: label}
 	var pub *ecdsa.PublicKey
 	err := s.with(ctx, func(se *session) error {

@@ -133,6 +133,14 @@ func (d *instrumented) Capabilities() Capabilities        { return d.p.Capabilit
 func (d *instrumented) Health(ctx context.Context) Health { return d.p.Health(ctx) }
 func (d *instrumented) Close() error                      { return d.p.Close() }
 
+// ExternalIDFor forwards to the decorated provider; one that cannot predict ids answers "".
+func (d *instrumented) ExternalIDFor(spec KeySpec) (string, error) {
+	if n, ok := d.p.(Namer); ok {
+		return n.ExternalIDFor(spec)
+	}
+	return "", nil
+}
+
 func (d *instrumented) Generate(ctx context.Context, spec KeySpec) (KeyRef, error) {
 	spec.Alg = resolveAlg(spec.Alg)
 	var ref KeyRef

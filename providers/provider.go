@@ -58,6 +58,33 @@ type KeySpec struct {
 	Tenant string
 	KID    string
 	Alg    string
+	// ExternalID is an optional identity hint: a fresh random token (hex, see ValidHint) the
+	// appliance records in a create intent before it calls the backend. Providers that implement
+	// Namer name the new backend object after it, so that a key whose create outlived its caller
+	// (a crash between the backend call and the store write) can be found and deleted again.
+	// Providers that cannot choose their objects' ids (aws-kms) attach it as a tag instead.
+	ExternalID string
+}
+
+// Namer is implemented by providers that honour KeySpec.ExternalID: ExternalIDFor returns, before
+// the create runs, the KeyRef.ExternalID a Generate or Import of spec will return. "" means the
+// identity cannot be predicted (no hint, or a backend that assigns ids itself).
+type Namer interface {
+	ExternalIDFor(spec KeySpec) (string, error)
+}
+
+// ValidHint reports whether h is a well-formed KeySpec.ExternalID hint: 32 to 64 lowercase hex
+// digits. Keeping it to hex lets every backend use it as (part of) a name or a CKA_ID as is.
+func ValidHint(h string) bool {
+	if len(h) < 32 || len(h) > 64 || len(h)%2 != 0 {
+		return false
+	}
+	for i := 0; i < len(h); i++ {
+		if c := h[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // KeyRef is everything the appliance persists about a key and hands back to the provider on later

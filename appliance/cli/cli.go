@@ -23,6 +23,7 @@ import (
 	"github.com/kmsgate/kmsgate/appliance"
 	"github.com/kmsgate/kmsgate/appliance/config"
 	"github.com/kmsgate/kmsgate/appliance/keychain"
+	"github.com/kmsgate/kmsgate/appliance/keys"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 )
@@ -51,6 +52,13 @@ func envInt(name string, def int) int {
 
 func envFloat(name string, def float64) float64 {
 	if v, err := strconv.ParseFloat(os.Getenv(name), 64); err == nil {
+		return v
+	}
+	return def
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if v, err := time.ParseDuration(os.Getenv(name)); err == nil {
 		return v
 	}
 	return def
@@ -188,6 +196,11 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 		"cap on concurrent connections from one client IP (negative: no cap; env KMSGATE_MAX_CONNS_PER_IP)")
 	f.IntVar(&o.MaxChainsPerTenant, "max-chains-per-tenant", envInt("KMSGATE_MAX_CHAINS_PER_TENANT", appliance.DefaultMaxChainsPerTenant),
 		"key chains one tenant may hold; more answer 403 quota_exceeded (-1: no cap; env KMSGATE_MAX_CHAINS_PER_TENANT)")
+	f.IntVar(&o.MaxKeysPerTenant, "max-keys-per-tenant", envInt("KMSGATE_MAX_KEYS_PER_TENANT", keys.DefaultMaxKeysPerTenant),
+		"keys a tenant may hold, /keys and key-chain keys together (-1: no cap; env KMSGATE_MAX_KEYS_PER_TENANT)")
+	f.DurationVar(&o.KeyIntentMaxAge, "key-intent-max-age", envDuration("KMSGATE_KEY_INTENT_MAX_AGE", appliance.DefaultKeyIntentMaxAge),
+		"age after which an unfinished key create is abandoned and its backend key deleted by the sweep; "+
+			"keep it well above the provider timeouts (env KMSGATE_KEY_INTENT_MAX_AGE)")
 	return cmd
 }
 

@@ -39,11 +39,12 @@ func TestHelperServe(t *testing.T) {
 	}
 }
 
-func startHelper(t *testing.T, dir, addr string) *exec.Cmd {
+func startHelper(t *testing.T, dir, addr string, env ...string) *exec.Cmd {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperServe$")
 	cmd.Env = append(os.Environ(), "KMSGATE_HELPER_DATA="+dir, "KMSGATE_HELPER_LISTEN="+addr,
 		"KMSGATE_MASTER_KEY="+apptest.MasterKey)
+	cmd.Env = append(cmd.Env, env...)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -55,9 +55,22 @@ type entry struct {
 	caps providers.Capabilities
 }
 
-// New builds the service.
+// New builds the service with a lifecycle of its own: crash-safe, with the default quota, when st
+// supports transactions.
 func New(st Store, reg Registry, log *slog.Logger) *Service {
-	return &Service{st: st, reg: reg, lc: NewLifecycle(log), log: log, now: time.Now, entries: map[entryKey]*entry{}}
+	c := LifecycleConfig{Log: log}
+	if ts, ok := st.(TxStore); ok {
+		c.Store = ts
+	}
+	return NewWithLifecycle(st, reg, NewLifecycleWith(c), log)
+}
+
+// NewWithLifecycle builds the service on lc, which must keep its bookkeeping in st.
+func NewWithLifecycle(st Store, reg Registry, lc *Lifecycle, log *slog.Logger) *Service {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Service{st: st, reg: reg, lc: lc, log: log, now: time.Now, entries: map[entryKey]*entry{}}
 }
 
 // Lifecycle is the key lifecycle the service uses, for the other face to share.
@@ -137,14 +150,14 @@ func (s *Service) Generate(ctx context.Context, tenant, kid, alg string, prov pr
 		return nil, fmt.Errorf("read key record: %w", err)
 	}
 	var rec *store.KeyRef
-	_, err = s.lc.Generate(ctx, prov, providers.KeySpec{Tenant: tenant, KID: kid, Alg: alg}, func(ref providers.KeyRef) error {
+	_, err = s.lc.Generate(ctx, prov, providers.KeySpec{Tenant: tenant, KID: kid, Alg: alg}, func(tx *store.Txn, ref providers.KeyRef) error {
 		var err error
 		if rec, err = s.record(ref, false); err != nil {
 			return err
 		}
 		// Create, not Put: a concurrent generate of the same kid loses here, and its backend key
 		// is rolled back.
-		if err := s.st.Create(ctx, store.KeyRecordKey(tenant, kid), rec); err != nil {
+		if err := tx.Create(store.KeyRecordKey(tenant, kid), rec); err != nil {
 			if errors.Is(err, store.ErrExists) {
 				return errExists(kid)
 			}
@@ -181,7 +194,7 @@ func (s *Service) Import(ctx context.Context, tenant, kid, alg string, prov prov
 		return nil, fmt.Errorf("read key record: %w", err)
 	}
 	var rec *store.KeyRef
-	ref, err := s.lc.Import(ctx, prov, providers.KeySpec{Tenant: tenant, KID: kid, Alg: alg}, priv, func(ref providers.KeyRef) error {
+	ref, err := s.lc.Import(ctx, prov, providers.KeySpec{Tenant: tenant, KID: kid, Alg: alg}, priv, func(tx *store.Txn, ref providers.KeyRef) error {
 		var err error
 		if rec, err = s.record(ref, true); err != nil {
 			return err
@@ -189,7 +202,7 @@ func (s *Service) Import(ctx context.Context, tenant, kid, alg string, prov prov
 		if hadOld {
 			rec.CreatedAt = old.CreatedAt
 		}
-		if err := s.st.Put(ctx, store.KeyRecordKey(tenant, kid), rec); err != nil {
+		if err := tx.Put(store.KeyRecordKey(tenant, kid), rec); err != nil {
 			return fmt.Errorf("store key record: %w", err)
 		}
 		return nil
@@ -202,7 +215,7 @@ func (s *Service) Import(ctx context.Context, tenant, kid, alg string, prov prov
 		// The record now points at the new key: the one it replaced is unreferenced.
 		if op, err := s.reg.Get(old.ProviderID); err == nil {
 			if oref, err := ProviderRef(old, tenant); err == nil {
-				s.lc.cleanup(op, oref)
+				_ = s.lc.cleanup(op, oref)
 			}
 		}
 	}
@@ -247,16 +260,23 @@ func (s *Service) Delete(ctx context.Context, tenant, kid string) error {
 		}
 		return fmt.Errorf("read key record: %w", err)
 	}
-	if p, err := s.reg.Get(r.ProviderID); err == nil {
-		if ref, err := ProviderRef(r, tenant); err == nil {
-			if err := s.lc.Delete(ctx, p, ref); err != nil {
-				s.log.Warn("backend delete failed; removing the reference anyway", "provider", p.ID(), "tenant", tenant,
-					"key_id", kid, "error", err)
-			}
+	ref, rerr := ProviderRef(r, tenant)
+	backendFailed := rerr != nil
+	if p, err := s.reg.Get(r.ProviderID); err == nil && rerr == nil {
+		if err := s.lc.Delete(ctx, p, ref); err != nil {
+			backendFailed = true
+			s.log.Warn("backend delete failed; removing the reference anyway", "provider", p.ID(), "tenant", tenant,
+				"key_id", kid, "error", err)
 		}
+	} else {
+		backendFailed = true
 	}
 	if err := s.st.Delete(ctx, store.KeyRecordKey(tenant, kid)); err != nil {
 		return fmt.Errorf("delete key record: %w", err)
+	}
+	if backendFailed {
+		// Nothing references the key any more: it stops counting against the quota.
+		s.lc.Forget(providers.KeyRef{ProviderID: r.ProviderID, Tenant: tenant, KID: r.KID, ExternalID: r.ExternalID})
 	}
 	s.forget(tenant, kid)
 	return nil

@@ -157,10 +157,10 @@ func TestImportReplacesAndDeletesTheOldKey(t *testing.T) {
 func TestLifecycleRollsBackWhenPersistFails(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	lc := keys.NewLifecycle(nil)
+	lc := keys.NewLifecycleWith(keys.LifecycleConfig{Store: e.st})
 	persistErr := errors.New("disk full")
 	var created providers.KeyRef
-	_, err := lc.Generate(ctx, e.prov, providers.KeySpec{Tenant: "t1", KID: "k1"}, func(ref providers.KeyRef) error {
+	_, err := lc.Generate(ctx, e.prov, providers.KeySpec{Tenant: "t1", KID: "k1"}, func(_ *store.Txn, ref providers.KeyRef) error {
 		created = ref
 		if !e.sealedExists(t, ref.ExternalID) {
 			t.Error("the key does not exist while it is being persisted")
@@ -175,7 +175,7 @@ func TestLifecycleRollsBackWhenPersistFails(t *testing.T) {
 	}
 
 	priv, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	_, err = lc.Import(ctx, e.prov, providers.KeySpec{Tenant: "t1", KID: "k2"}, priv, func(ref providers.KeyRef) error {
+	_, err = lc.Import(ctx, e.prov, providers.KeySpec{Tenant: "t1", KID: "k2"}, priv, func(_ *store.Txn, ref providers.KeyRef) error {
 		created = ref
 		return persistErr
 	})
@@ -195,6 +195,22 @@ func TestLifecycleRollsBackWhenPersistFails(t *testing.T) {
 	if e.sealedExists(t, r1.ExternalID) || e.sealedExists(t, r2.ExternalID) {
 		t.Fatal("a batch rollback left keys behind")
 	}
+	// Nothing may stay counted or pending after the rollbacks.
+	if n, err := lc.KeyCount(ctx, "t1"); err != nil || n != 0 {
+		t.Fatalf("key count after rollbacks = %d, %v; want 0", n, err)
+	}
+	if n := countPrefix(t, e.st, "intent/"); n != 0 {
+		t.Fatalf("%d intents left after rollbacks", n)
+	}
+}
+
+func countPrefix(t *testing.T, st *store.Store, prefix string) int {
+	t.Helper()
+	n := 0
+	if err := st.List(context.Background(), prefix, func(string, []byte) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // A concurrent generate of the same kid loses at the store and must not leak its backend key.
@@ -204,16 +220,16 @@ func TestGenerateConflictAtPersistRollsBack(t *testing.T) {
 	// Another writer created the record between the existence check and the write.
 	lc := e.svc.Lifecycle()
 	var created providers.KeyRef
-	_, err := lc.Generate(ctx, e.prov, providers.KeySpec{Tenant: "t1", KID: "k1"}, func(ref providers.KeyRef) error {
+	_, err := lc.Generate(ctx, e.prov, providers.KeySpec{Tenant: "t1", KID: "k1"}, func(tx *store.Txn, ref providers.KeyRef) error {
 		created = ref
-		return e.st.Create(ctx, "x", 1)
+		return tx.Create("x", 1)
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = lc.Generate(ctx, e.prov, providers.KeySpec{Tenant: "t1", KID: "k1"}, func(ref providers.KeyRef) error {
+	_, err = lc.Generate(ctx, e.prov, providers.KeySpec{Tenant: "t1", KID: "k1"}, func(tx *store.Txn, ref providers.KeyRef) error {
 		created = ref
-		return e.st.Create(ctx, "x", 1)
+		return tx.Create("x", 1)
 	})
 	if !errors.Is(err, store.ErrExists) || e.sealedExists(t, created.ExternalID) {
 		t.Fatalf("err %v; sealed key left behind", err)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/kmsgate/kmsgate/appliance/store"
@@ -17,18 +18,52 @@ import (
 
 // Lifecycle is the one key lifecycle both API faces use: it creates, imports, deletes and signs
 // with keys in their providers and makes sure that a key whose reference could not be persisted
-// does not stay behind in the backend. Checks every provider call needs (algorithm, digest
-// length, signature shape) and metrics are done by the provider decorator, not here.
+// does not stay behind in the backend, not even after a crash (see intents.go), and that a tenant
+// stays within its key quota. Checks every provider call needs (algorithm, digest length,
+// signature shape) and metrics are done by the provider decorator, not here.
 type Lifecycle struct {
-	log *slog.Logger
+	log     *slog.Logger
+	st      TxStore
+	owner   string
+	maxKeys int
+	now     func() time.Time
+	stripes [64]sync.Mutex
 }
 
-// NewLifecycle builds the lifecycle; log receives cleanup failures.
-func NewLifecycle(log *slog.Logger) *Lifecycle {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+// LifecycleConfig configures a lifecycle.
+type LifecycleConfig struct {
+	// Store keeps create intents, owned-key records and per-tenant counts. Without one the
+	// lifecycle neither survives crashes nor enforces the quota (tools and unit tests).
+	Store TxStore
+	Log   *slog.Logger
+	// Owner identifies this process in the intents it writes (diagnostics; a sweep decides by age).
+	Owner string
+	// MaxKeysPerTenant is the per-tenant key quota across both faces (0: DefaultMaxKeysPerTenant;
+	// negative: no quota).
+	MaxKeysPerTenant int
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// NewLifecycle builds a lifecycle without a store; log receives cleanup failures.
+func NewLifecycle(log *slog.Logger) *Lifecycle { return NewLifecycleWith(LifecycleConfig{Log: log}) }
+
+// NewLifecycleWith builds a lifecycle from c.
+func NewLifecycleWith(c LifecycleConfig) *Lifecycle {
+	l := &Lifecycle{log: c.Log, st: c.Store, owner: c.Owner, maxKeys: c.MaxKeysPerTenant, now: c.Now}
+	if l.log == nil {
+		l.log = slog.New(slog.DiscardHandler)
 	}
-	return &Lifecycle{log: log}
+	if l.maxKeys == 0 {
+		l.maxKeys = DefaultMaxKeysPerTenant
+	}
+	if l.now == nil {
+		l.now = time.Now
+	}
+	if l.owner == "" {
+		l.owner, _ = newIntentID()
+	}
+	return l
 }
 
 // Batch tracks the keys created during one operation, so that a failure before the reference is
@@ -39,37 +74,71 @@ type Batch struct {
 }
 
 type createdKey struct {
-	prov providers.Provider
-	ref  providers.KeyRef
+	prov   providers.Provider
+	ref    providers.KeyRef
+	intent *Intent // nil without a store
 }
 
 // Begin starts a batch.
 func (l *Lifecycle) Begin() *Batch { return &Batch{l: l} }
 
-// Generate creates a key in prov and tracks it for rollback.
+// Generate creates a key in prov and tracks it for rollback. The tenant's quota is checked first.
 func (b *Batch) Generate(ctx context.Context, prov providers.Provider, spec providers.KeySpec) (providers.KeyRef, error) {
-	ref, err := prov.Generate(ctx, spec)
-	if err != nil {
-		return ref, err
-	}
-	b.created = append(b.created, createdKey{prov, ref})
-	return ref, nil
+	return b.create(ctx, prov, spec, func(spec providers.KeySpec) (providers.KeyRef, error) {
+		return prov.Generate(ctx, spec)
+	})
 }
 
 // Import stores priv in prov and tracks the new key for rollback.
 func (b *Batch) Import(ctx context.Context, prov providers.Provider, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
-	ref, err := prov.Import(ctx, spec, priv)
+	return b.create(ctx, prov, spec, func(spec providers.KeySpec) (providers.KeyRef, error) {
+		return prov.Import(ctx, spec, priv)
+	})
+}
+
+func (b *Batch) create(ctx context.Context, prov providers.Provider, spec providers.KeySpec,
+	call func(providers.KeySpec) (providers.KeyRef, error)) (providers.KeyRef, error) {
+	in, err := b.l.reserve(ctx, prov, &spec)
 	if err != nil {
+		return providers.KeyRef{}, err
+	}
+	ref, err := call(spec)
+	if err != nil {
+		b.l.abandon(prov, in, err)
 		return ref, err
 	}
-	b.created = append(b.created, createdKey{prov, ref})
+	b.l.learned(ctx, in, ref)
+	b.created = append(b.created, createdKey{prov, ref, in})
 	return ref, nil
 }
 
-// Commit runs persist, which writes the references of the batch's keys; when it fails, every key
-// of the batch is deleted again and persist's error is returned.
-func (b *Batch) Commit(persist func() error) error {
-	if err := persist(); err != nil {
+// CommitTx writes the batch's references: persist's writes, an owned record per key and the
+// removal of the keys' intents land in one store transaction, so a crash leaves either the
+// reference or the intent (which the sweep resolves), never a key nothing points to. When it
+// fails, every key of the batch is deleted again and the error is returned. persist may run more
+// than once (the store retries conflicting transactions).
+func (b *Batch) CommitTx(ctx context.Context, persist func(tx *store.Txn) error) error {
+	if b.l.st == nil {
+		return errors.New("key lifecycle has no store for a transactional commit")
+	}
+	err := b.l.st.Update(ctx, func(tx *store.Txn) error {
+		for _, k := range b.created {
+			if k.intent == nil {
+				continue
+			}
+			if err := checkIntent(tx, k.intent); err != nil {
+				return err
+			}
+			if err := b.l.confirmOwned(tx, k.ref); err != nil {
+				return err
+			}
+			if err := tx.Delete(intentKey(k.intent.Tenant, k.intent.ID)); err != nil {
+				return err
+			}
+		}
+		return persist(tx)
+	})
+	if err != nil {
 		b.Rollback()
 		return err
 	}
@@ -77,43 +146,114 @@ func (b *Batch) Commit(persist func() error) error {
 	return nil
 }
 
-// Rollback deletes the batch's keys from their backends (best effort, logged).
+// Commit runs persist, which writes the references of the batch's keys outside the lifecycle's
+// store transaction; when it fails, every key of the batch is deleted again and persist's error is
+// returned. Before persist runs, the keys' owned records are written and their intents marked
+// confirming in one transaction: a crash before that lets the sweep delete the keys; a crash
+// after it keeps them, since the reference may have been written (at worst a key that counts
+// against the quota and that no record uses; the sweep logs it). CommitTx has no such window.
+func (b *Batch) Commit(persist func() error) error {
+	if b.l.st != nil && len(b.created) > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		err := b.l.st.Update(ctx, func(tx *store.Txn) error {
+			for _, k := range b.created {
+				if k.intent == nil {
+					continue
+				}
+				if err := checkIntent(tx, k.intent); err != nil {
+					return err
+				}
+				if err := b.l.confirmOwned(tx, k.ref); err != nil {
+					return err
+				}
+				in := *k.intent
+				in.State = IntentConfirming
+				if err := tx.Put(intentKey(in.Tenant, in.ID), &in); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			b.Rollback()
+			return fmt.Errorf("confirm key intents: %w", err)
+		}
+	}
+	if err := persist(); err != nil {
+		b.Rollback()
+		return err
+	}
+	for _, k := range b.created {
+		if k.intent != nil {
+			b.l.settle(nil, k.intent.Tenant, k.intent.ID, false)
+		}
+	}
+	b.created = nil
+	return nil
+}
+
+// Rollback deletes the batch's keys from their backends (best effort, logged) and their
+// bookkeeping; a key whose delete failed keeps its intent, so the sweep retries it.
 func (b *Batch) Rollback() {
 	for _, k := range b.created {
-		b.l.cleanup(k.prov, k.ref)
+		err := b.l.cleanup(k.prov, k.ref)
+		if k.intent != nil {
+			b.l.settle(&k.ref, k.intent.Tenant, k.intent.ID, err != nil)
+		}
 	}
 	b.created = nil
 }
 
-// Generate creates one key and persists its reference with persist; if persist fails, the key is
-// deleted from the backend again.
+// Generate creates one key and persists its reference with persist, in the same store
+// transaction as the lifecycle's bookkeeping; if persist fails, the key is deleted again.
 func (l *Lifecycle) Generate(ctx context.Context, prov providers.Provider, spec providers.KeySpec,
-	persist func(providers.KeyRef) error) (providers.KeyRef, error) {
+	persist func(*store.Txn, providers.KeyRef) error) (providers.KeyRef, error) {
 	b := l.Begin()
 	ref, err := b.Generate(ctx, prov, spec)
 	if err != nil {
 		return ref, err
 	}
-	return ref, b.Commit(func() error { return persist(ref) })
+	return ref, b.CommitTx(ctx, func(tx *store.Txn) error { return persist(tx, ref) })
 }
 
 // Import is Generate for an existing private key.
 func (l *Lifecycle) Import(ctx context.Context, prov providers.Provider, spec providers.KeySpec, priv *ecdsa.PrivateKey,
-	persist func(providers.KeyRef) error) (providers.KeyRef, error) {
+	persist func(*store.Txn, providers.KeyRef) error) (providers.KeyRef, error) {
 	b := l.Begin()
 	ref, err := b.Import(ctx, prov, spec, priv)
 	if err != nil {
 		return ref, err
 	}
-	return ref, b.Commit(func() error { return persist(ref) })
+	return ref, b.CommitTx(ctx, func(tx *store.Txn) error { return persist(tx, ref) })
 }
 
 // Delete removes a key from its backend. A provider that cannot delete keys leaves it there
-// (logged); a key that is already gone is not an error.
+// (logged); a key that is already gone is not an error. Unless the backend failed transiently
+// (the caller keeps the reference and retries), the key stops counting against the quota.
 func (l *Lifecycle) Delete(ctx context.Context, prov providers.Provider, ref providers.KeyRef) error {
 	if !prov.Capabilities().CanDelete {
 		l.log.Info("provider cannot delete keys; key left in the backend", "provider", prov.ID(), "tenant", ref.Tenant,
 			"key_id", ref.KID)
+		l.Forget(ref)
+		return nil
+	}
+	if err := prov.Delete(ctx, ref); err != nil && !errors.Is(err, errs.NotFound) {
+		if k := errs.KindOf(err); k != errs.Unavailable && k != errs.Throttled {
+			l.Forget(ref)
+		}
+		return err
+	}
+	l.Forget(ref)
+	return nil
+}
+
+// deleteDetached deletes a key detached from the request context (a cancelled request must
+// still clean up).
+func (l *Lifecycle) deleteDetached(prov providers.Provider, ref providers.KeyRef) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if !prov.Capabilities().CanDelete {
 		return nil
 	}
 	if err := prov.Delete(ctx, ref); err != nil && !errors.Is(err, errs.NotFound) {
@@ -122,15 +262,17 @@ func (l *Lifecycle) Delete(ctx context.Context, prov providers.Provider, ref pro
 	return nil
 }
 
-// cleanup deletes a key no reference points to, detached from the request context (a cancelled
-// request must still clean up), logging and never failing.
-func (l *Lifecycle) cleanup(prov providers.Provider, ref providers.KeyRef) {
+// cleanup deletes a key no reference points to, detached from the request context, logging
+// failures; it drops the key's owned record.
+func (l *Lifecycle) cleanup(prov providers.Provider, ref providers.KeyRef) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := l.Delete(ctx, prov, ref); err != nil {
+	err := l.Delete(ctx, prov, ref)
+	if err != nil {
 		l.log.Warn("could not delete a backend key after a failed operation", "provider", prov.ID(),
 			"tenant", ref.Tenant, "key_id", ref.KID, "error", err)
 	}
+	return err
 }
 
 // Sign signs a message (isDigest false) or a SHA-256 digest and returns raw r‖s. caps are prov's

@@ -44,6 +44,8 @@ type Config struct {
 }
 
 const (
+	// IntentTag is the tag that carries a key's create-intent id (KeySpec.ExternalID).
+	IntentTag = "KmsgateIntent"
 	// DefaultTimeout bounds each KMS call.
 	DefaultTimeout = 10 * time.Second
 	// PendingWindowDays is the shortest deletion window AWS allows.
@@ -183,17 +185,23 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if spec.KID == "" {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid is required", nil)
 	}
+	tags := []types.Tag{
+		{TagKey: aws.String("TenantId"), TagValue: aws.String(truncate(spec.Tenant, 256))},
+		{TagKey: aws.String("LocalKeyId"), TagValue: aws.String(truncate(spec.KID, 256))},
+		{TagKey: aws.String("ManagedBy"), TagValue: aws.String("kmsgate")},
+	}
+	if spec.ExternalID != "" {
+		// KMS assigns key ids itself, so the create intent's id cannot name the key; as a tag it
+		// lets an operator find a key a crash orphaned (the sweep logs the intent id).
+		tags = append(tags, types.Tag{TagKey: aws.String(IntentTag), TagValue: aws.String(truncate(spec.ExternalID, 256))})
+	}
 	cctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	out, err := p.api.CreateKey(cctx, &kms.CreateKeyInput{
 		KeySpec:     types.KeySpecEccNistP256,
 		KeyUsage:    types.KeyUsageTypeSignVerify,
 		Description: aws.String(truncate("kmsgate "+spec.Tenant+"/"+spec.KID, 8192)),
-		Tags: []types.Tag{
-			{TagKey: aws.String("TenantId"), TagValue: aws.String(truncate(spec.Tenant, 256))},
-			{TagKey: aws.String("LocalKeyId"), TagValue: aws.String(truncate(spec.KID, 256))},
-			{TagKey: aws.String("ManagedBy"), TagValue: aws.String("kmsgate")},
-		},
+		Tags:        tags,
 	})
 	if err != nil {
 		return providers.KeyRef{}, p.classify(op, err)

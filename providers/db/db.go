@@ -91,8 +91,19 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 	return p.store(ctx, spec, priv)
 }
 
-// store seals priv to (tenant, kid) and saves it under a fresh random id, so an import over an
-// existing kid never overwrites the key that the current reference still points to.
+// ExternalIDFor implements providers.Namer: a hinted key is saved under the hint itself.
+func (p *Provider) ExternalIDFor(spec providers.KeySpec) (string, error) {
+	if spec.ExternalID == "" {
+		return "", nil
+	}
+	if !providers.ValidHint(spec.ExternalID) {
+		return "", errs.Errorf(errs.BadInput, "invalid key id hint")
+	}
+	return spec.ExternalID, nil
+}
+
+// store seals priv to (tenant, kid) and saves it under the hint or a fresh random id, so an import
+// over an existing kid never overwrites the key that the current reference still points to.
 func (p *Provider) store(ctx context.Context, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
 	d, err := priv.Bytes()
 	if err != nil {
@@ -103,11 +114,17 @@ func (p *Provider) store(ctx context.Context, spec providers.KeySpec, priv *ecds
 	if err != nil {
 		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "seal key")
 	}
-	var idb [16]byte
-	if _, err := rand.Read(idb[:]); err != nil {
-		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "key id")
+	id, err := p.ExternalIDFor(spec)
+	if err != nil {
+		return providers.KeyRef{}, err
 	}
-	id := hex.EncodeToString(idb[:])
+	if id == "" {
+		var idb [16]byte
+		if _, err := rand.Read(idb[:]); err != nil {
+			return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "key id")
+		}
+		id = hex.EncodeToString(idb[:])
+	}
 	if err := p.keys.Save(ctx, id, sealed); err != nil {
 		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "store sealed key")
 	}

@@ -124,6 +124,25 @@ func RemoteName(tenant, kid string) string {
 	return remoteNamePrefix + hex.EncodeToString(sum[:20])
 }
 
+// ExternalIDFor implements providers.Namer: the remote name a Generate or Import of spec uses.
+func (p *Provider) ExternalIDFor(spec providers.KeySpec) (string, error) {
+	if spec.ExternalID == "" {
+		return "", nil
+	}
+	return p.nameFor(spec)
+}
+
+// nameFor is the remote name of a new key. It stays RemoteName(tenant, kid) with or without an
+// identity hint, so that a forced re-import overwrites in place as the contract expects: it is
+// already known before the create, which is all a sweep needs (the appliance never deletes a
+// predicted name that a stored reference still uses).
+func (p *Provider) nameFor(spec providers.KeySpec) (string, error) {
+	if spec.ExternalID != "" && !providers.ValidHint(spec.ExternalID) {
+		return "", p.fail(errs.BadInput, "generate", "invalid key id hint", nil)
+	}
+	return RemoteName(spec.Tenant, spec.KID), nil
+}
+
 // remoteID is the remote name of a stored key. Keys created before names were tenant-scoped
 // carry the raw kid as ExternalID, or none at all: they keep that name.
 func remoteID(ref providers.KeyRef) string {
@@ -167,7 +186,10 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if spec.KID == "" {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid is required", nil)
 	}
-	name := RemoteName(spec.Tenant, spec.KID)
+	name, err := p.nameFor(spec)
+	if err != nil {
+		return providers.KeyRef{}, err
+	}
 	body, err := p.call(ctx, op, http.MethodPost, p.s.keysURL, map[string]string{"kid": name, "alg": providers.ES256}, false)
 	if err != nil {
 		return providers.KeyRef{}, err
@@ -191,7 +213,10 @@ func (p *Provider) Import(ctx context.Context, spec providers.KeySpec, priv *ecd
 	if spec.KID == "" || priv == nil {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "kid and private key are required", nil)
 	}
-	name := RemoteName(spec.Tenant, spec.KID)
+	name, err := p.nameFor(spec)
+	if err != nil {
+		return providers.KeyRef{}, err
+	}
 	jwk, err := keyutil.PrivateJWK(priv, name, providers.ES256)
 	if err != nil {
 		return providers.KeyRef{}, p.fail(errs.BadInput, op, "private key is not P-256", err)

@@ -24,6 +24,7 @@ import (
 	"context"
 	"crypto/ecdsa"
 	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -224,11 +225,34 @@ func (p *Provider) Generate(ctx context.Context, spec providers.KeySpec) (provid
 	if p.readOnly {
 		return providers.KeyRef{}, p.fail("generate", hsm.ErrReadOnly)
 	}
-	k, pub, err := p.slot.Generate(ctx, spec.KID)
+	var k hsm.Key
+	var pub *ecdsa.PublicKey
+	var err error
+	if spec.ExternalID != "" {
+		if !providers.ValidHint(spec.ExternalID) {
+			return providers.KeyRef{}, errs.Errorf(errs.BadInput, "invalid key id hint")
+		}
+		id, _ := hex.DecodeString(spec.ExternalID)
+		k, pub, err = p.slot.GenerateWithID(ctx, spec.KID, id)
+	} else {
+		k, pub, err = p.slot.Generate(ctx, spec.KID)
+	}
 	if err != nil {
 		return providers.KeyRef{}, p.fail("generate", err)
 	}
 	return providers.KeyRef{ProviderID: p.ID(), Tenant: spec.Tenant, KID: spec.KID, Alg: alg, ExternalID: k.ID, Public: pub}, nil
+}
+
+// ExternalIDFor implements providers.Namer: a hinted key's CKA_ID is the hint, and ExternalID is
+// the hex CKA_ID.
+func (p *Provider) ExternalIDFor(spec providers.KeySpec) (string, error) {
+	if spec.ExternalID == "" {
+		return "", nil
+	}
+	if !providers.ValidHint(spec.ExternalID) {
+		return "", errs.Errorf(errs.BadInput, "invalid key id hint")
+	}
+	return spec.ExternalID, nil
 }
 
 // Import implements providers.Provider: never supported, keys are born in the HSM.

@@ -246,6 +246,47 @@ func Run(t *testing.T, h Harness) Result {
 		mustVerify(t, &priv.PublicKey, sha256Sum(msg), sig)
 	})
 
+	t.Run("identity hint names the key", func(t *testing.T) {
+		hs := newSpec(h.Tenant, "hinted")
+		var hint [16]byte
+		rand.Read(hint[:])
+		hs.ExternalID = hex.EncodeToString(hint[:])
+		n, ok := providers.As[providers.Namer](p)
+		if !ok {
+			t.Fatal("the decorator must forward providers.Namer")
+		}
+		want, err := n.ExternalIDFor(hs)
+		if err != nil {
+			t.Fatalf("ExternalIDFor: %v", err)
+		}
+		if want == "" && p.Type() != providers.TypeAWSKMS {
+			t.Fatal("a provider that names its keys must predict a hinted key's identity")
+		}
+		r, err := p.Generate(ctx, hs)
+		if err != nil {
+			t.Fatalf("hinted Generate: %v", err)
+		}
+		if want == "" {
+			_ = p.Delete(ctx, r)
+			return
+		}
+		if r.ExternalID != want {
+			t.Fatalf("hinted key has ExternalID %q, predicted %q", r.ExternalID, want)
+		}
+		// The sweep knows nothing but the intent: tenant, kid and the predicted identity.
+		if err := p.Delete(ctx, providers.KeyRef{ProviderID: p.ID(), Tenant: hs.Tenant, KID: hs.KID, ExternalID: want}); err != nil {
+			t.Fatalf("Delete by the predicted identity: %v", err)
+		}
+		if _, err := p.SignMessage(ctx, r, providers.ES256, []byte("x")); errs.KindOf(err) != errs.NotFound {
+			t.Fatalf("hinted key still signs after a delete by its predicted identity: %v", err)
+		}
+		bad := newSpec(h.Tenant, "bad-hint")
+		bad.ExternalID = "../not-hex"
+		if _, err := p.Generate(ctx, bad); errs.KindOf(err) != errs.BadInput {
+			t.Fatalf("Generate with a malformed hint: %v, want bad input", err)
+		}
+	})
+
 	t.Run("delete is idempotent and final", func(t *testing.T) {
 		ds := newSpec(h.Tenant, "delete")
 		r, err := p.Generate(ctx, ds)

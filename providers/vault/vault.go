@@ -162,10 +162,30 @@ func (p *Provider) names(spec providers.KeySpec) (mount, key string, err error) 
 		return "", "", p.fail(errs.BadInput, "locate", "tenant and kid are required", nil)
 	}
 	mount, key = mountFor(p.mountPrefix, spec.Tenant), encodeName(spec.KID)
+	if spec.ExternalID != "" {
+		if !providers.ValidHint(spec.ExternalID) {
+			return "", "", p.fail(errs.BadInput, "locate", "invalid key id hint", nil)
+		}
+		// A hinted key is named after the hint. The NUL prefix encodes to "_00", which no kid can
+		// produce (kids never hold control characters), so hinted and kid-named keys never meet.
+		key = encodeName("\x00" + spec.ExternalID)
+	}
 	if len(mount) > maxEncodedName || len(key) > maxEncodedName {
 		return "", "", p.fail(errs.BadInput, "locate", "tenant or kid is too long for a Vault path", nil)
 	}
 	return mount, key, nil
+}
+
+// ExternalIDFor implements providers.Namer: "mount/key" of the key a hinted Generate creates.
+func (p *Provider) ExternalIDFor(spec providers.KeySpec) (string, error) {
+	if spec.ExternalID == "" {
+		return "", nil
+	}
+	mount, key, err := p.names(spec)
+	if err != nil {
+		return "", err
+	}
+	return mount + "/" + key, nil
 }
 
 // vaultErr is a Vault error reduced to what classification needs.
