@@ -68,14 +68,7 @@ func (s *Service) create(ctx context.Context, tenant string, prov providers.Prov
 		ks.Rollback()
 		return "", err
 	}
-	err = ks.Commit(func() error {
-		if err := s.st.Create(ctx, chainKey(tenant, c.ID), c); err != nil {
-			return fmt.Errorf("store key chain: %w", err)
-		}
-		s.idx.put(c)
-		return nil
-	})
-	if err != nil {
+	if err := s.commitChain(ctx, ks, c, true); err != nil {
 		return "", err
 	}
 	return c.ID, nil

@@ -143,7 +143,7 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 		ks.Rollback()
 		return "", err
 	}
-	if err := ks.Commit(func() error { return s.save(ctx, c) }); err != nil {
+	if err := s.commitChain(ctx, ks, c, false); err != nil {
 		return "", err
 	}
 	if existing != nil {

@@ -97,7 +97,7 @@ func (s *Service) rotateLocked(ctx context.Context, c *Chain) error {
 	next.Active, next.ActiveCertificate = nk, certPEM
 	next.LastRotatedAt = &now
 	next.UpdatedAt = now
-	if err := ks.Commit(func() error { return s.save(ctx, &next) }); err != nil {
+	if err := s.commitChain(ctx, ks, &next, false); err != nil {
 		return err
 	}
 	*c = next

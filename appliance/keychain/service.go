@@ -124,7 +124,11 @@ func New(c Config) *Service {
 	}
 	s.lc = c.Lifecycle
 	if s.lc == nil {
-		s.lc = keys.NewLifecycle(s.log)
+		lcfg := keys.LifecycleConfig{Log: s.log}
+		if ts, ok := c.Store.(keys.TxStore); ok {
+			lcfg.Store = ts
+		}
+		s.lc = keys.NewLifecycleWith(lcfg)
 	}
 	return s
 }
@@ -194,6 +198,37 @@ func (s *Service) load(ctx context.Context, tenant, id string) (*Chain, error) {
 	}
 	c.migrate()
 	return &c, nil
+}
+
+// commitChain writes c together with the bookkeeping of the keys ks created for it. With a
+// transactional lifecycle the chain record, the keys' owned records and the removal of their
+// intents are one store transaction, so a crash leaves either the chain or an intent the sweep
+// resolves — never a key that counts against the quota while nothing uses it.
+func (s *Service) commitChain(ctx context.Context, ks *keys.Batch, c *Chain, create bool) error {
+	key := chainKey(c.Tenant, c.ID)
+	if !ks.Transactional() {
+		return ks.Commit(func() error {
+			if create {
+				if err := s.st.Create(ctx, key, c); err != nil {
+					return fmt.Errorf("store key chain: %w", err)
+				}
+				s.idx.put(c)
+				return nil
+			}
+			return s.save(ctx, c)
+		})
+	}
+	err := ks.CommitTx(ctx, func(tx *store.Txn) error {
+		if create {
+			return tx.Create(key, c)
+		}
+		return tx.Put(key, c)
+	})
+	if err != nil {
+		return fmt.Errorf("store key chain %s: %w", c.ID, err)
+	}
+	s.idx.put(c)
+	return nil
 }
 
 func (s *Service) save(ctx context.Context, c *Chain) error {

@@ -112,6 +112,10 @@ func (b *Batch) create(ctx context.Context, prov providers.Provider, spec provid
 	return ref, nil
 }
 
+// Transactional reports whether CommitTx can be used: the lifecycle keeps its bookkeeping in a
+// store that callers can write their references to in the same transaction.
+func (b *Batch) Transactional() bool { return b.l.st != nil }
+
 // CommitTx writes the batch's references: persist's writes, an owned record per key and the
 // removal of the keys' intents land in one store transaction, so a crash leaves either the
 // reference or the intent (which the sweep resolves), never a key nothing points to. When it
