@@ -105,12 +105,13 @@ func (p *Provider) ExternalIDFor(spec providers.KeySpec) (string, error) {
 // store seals priv to (tenant, kid) and saves it under the hint or a fresh random id, so an import
 // over an existing kid never overwrites the key that the current reference still points to.
 func (p *Provider) store(ctx context.Context, spec providers.KeySpec, priv *ecdsa.PrivateKey) (providers.KeyRef, error) {
+	// Bytes may return the buffer of crypto/ecdsa's internal copy of the key (Go 1.26 does), so
+	// it is not ours to clear: clearing it zeroed the caller's key material.
 	d, err := priv.Bytes()
 	if err != nil {
 		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "encode key")
 	}
 	sealed, err := p.sealer.Seal(d, p.aad(spec.Tenant, spec.KID))
-	clear(d)
 	if err != nil {
 		return providers.KeyRef{}, errs.Wrap(errs.Internal, err, "seal key")
 	}

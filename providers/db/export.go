@@ -18,11 +18,11 @@ func (p *Provider) ExportPrivate(ref providers.KeyRef) (*ecdsa.PrivateKey, error
 	if err != nil {
 		return nil, err
 	}
+	// Not cleared: Bytes may share crypto/ecdsa's internal buffer of the cached key.
 	d, err := k.Bytes()
 	if err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "encode key")
 	}
-	defer clear(d)
 	out, err := ecdsa.ParseRawPrivateKey(elliptic.P256(), d)
 	if err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "decode key")
