@@ -30,6 +30,7 @@ import (
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
+	"github.com/kmsgate/kmsgate/providers/db"
 )
 
 // Options configure one appliance instance.
@@ -84,6 +85,10 @@ type Options struct {
 	// MaxChainsPerTenant caps the key chains of one tenant (0: DefaultMaxChainsPerTenant;
 	// negative: no cap).
 	MaxChainsPerTenant int
+	// CacheRefreshInterval is how often a replica on a shared store rebuilds its caches from the
+	// store, the safety net under change notifications (0: DefaultCacheRefreshInterval; negative:
+	// never).
+	CacheRefreshInterval time.Duration
 }
 
 // Appliance is a running kmsgate.
@@ -102,6 +107,7 @@ type Appliance struct {
 	admin    *fiber.App
 
 	keyChains *keychain.Service
+	dbProvs   []*db.Provider // to evict sealed keys deleted through another replica
 
 	mu          sync.Mutex
 	metricsAddr string
@@ -168,6 +174,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		return nil, err
 	}
 	a.metrics = metrics.New(o.Version, o.Commit)
+	a.metrics.RegisterStoreQueries(store.Ops, a.store.Queries)
 	a.registry, err = providers.NewRegistry(ctx, kms.Providers, kms.DefaultProvider, a.factories(),
 		func(id string) providers.Observer { return a.metrics.ProviderRecorder(id) })
 	if err != nil {
@@ -321,6 +328,9 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	go a.health.run(bg, healthEvery)
 	go a.gcLoop(bg)
 	go a.startKeyChainScheduler(bg)
+	if a.store.Shared() {
+		go a.syncCaches(bg)
+	}
 
 	errc := make(chan error, 3)
 	if sockLn != nil {
