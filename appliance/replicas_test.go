@@ -271,13 +271,14 @@ func TestReplicasListenerReconnect(t *testing.T) {
 	t.Logf("revocation with the listener terminated: %v; after it reconnected: %v", d1, d2)
 }
 
-// storeQueries scrapes kmsgate_store_queries_total, summed over ops.
-func storeQueries(t *testing.T, in *apptest.Instance) (total float64, ops int) {
+// storeQueries scrapes kmsgate_store_queries_total, summed over ops, and the series by op.
+func storeQueries(t *testing.T, in *apptest.Instance) (total float64, byOp map[string]float64) {
 	t.Helper()
 	st, body := in.Do("GET", "/metrics", "", nil)
 	if st != 200 {
 		t.Fatalf("metrics: %d", st)
 	}
+	byOp = map[string]float64{}
 	sc := bufio.NewScanner(bytes.NewReader(body))
 	for sc.Scan() {
 		line := sc.Text()
@@ -289,9 +290,9 @@ func storeQueries(t *testing.T, in *apptest.Instance) (total float64, ops int) {
 			t.Fatalf("metrics line %q: %v", line, err)
 		}
 		total += v
-		ops++
+		byOp[line[:strings.IndexByte(line, '}')+1]] = v
 	}
-	return total, ops
+	return total, byOp
 }
 
 // TestSignCostsNoStoreQuery: signing with known keys, on the contract face and on a key chain
@@ -327,27 +328,48 @@ func TestSignCostsNoStoreQuery(t *testing.T) {
 					t.Fatalf("key-chain jws: %d %s", st, body)
 				}
 			}
-			sign() // first use loads the references
-			// Let start-up work (bootstrap, the scheduler's first pass) finish: wait until the
-			// counter stands still.
-			before, ops := storeQueries(t, in)
-			if ops != len(store.Ops) {
-				t.Fatalf("kmsgate_store_queries_total has %d series, want %d", ops, len(store.Ops))
-			}
-			for settled := time.Now(); time.Since(settled) < 300*time.Millisecond; {
-				time.Sleep(50 * time.Millisecond)
-				if now, _ := storeQueries(t, in); now != before {
-					before, settled = now, time.Now()
+			// Let start-up work (bootstrap, the scheduler's first pass) and the change notices of
+			// the writes above finish, waiting until the counter stands still, then sign once so
+			// every path has its references cached (a load that raced an invalidation is not
+			// cached), and wait again.
+			settle := func() (float64, map[string]float64) {
+				before, ops := storeQueries(t, in)
+				for settled := time.Now(); time.Since(settled) < 300*time.Millisecond; {
+					time.Sleep(50 * time.Millisecond)
+					if now, nowOps := storeQueries(t, in); now != before {
+						before, ops, settled = now, nowOps, time.Now()
+					}
 				}
+				return before, ops
 			}
+			settle()
+			sign()
+			before, ops := settle()
+			if len(ops) != len(store.Ops) {
+				t.Fatalf("kmsgate_store_queries_total has %d series, want %d", len(ops), len(store.Ops))
+			}
+			// Background work (the scheduler's first pass, bootstrap retries) may still touch
+			// the store under a loaded machine. If any signature cost a query no window could be
+			// clean, so a window that moved is retried, up to three times.
 			const n = 100
-			for range n {
-				sign()
-			}
-			after, _ := storeQueries(t, in)
-			t.Logf("%s: %d signatures on each of 3 paths; kmsgate_store_queries_total %v -> %v", backend, n, before, after)
-			if after != before {
-				t.Fatalf("signing moved kmsgate_store_queries_total by %v, want 0", after-before)
+			for attempt := 1; ; attempt++ {
+				for range n {
+					sign()
+				}
+				after, afterOps := storeQueries(t, in)
+				t.Logf("%s: %d signatures on each of 3 paths; kmsgate_store_queries_total %v -> %v", backend, n, before, after)
+				for k, v := range afterOps {
+					if v != ops[k] {
+						t.Logf("moved: %s %v -> %v", k, ops[k], v)
+					}
+				}
+				if after == before {
+					break
+				}
+				if attempt == 3 {
+					t.Fatalf("signing moved kmsgate_store_queries_total in every window (last by %v), want 0", after-before)
+				}
+				before, ops = after, afterOps
 			}
 		})
 	}
