@@ -31,6 +31,7 @@ import (
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/metrics"
 	"github.com/kmsgate/kmsgate/providers"
+	"github.com/kmsgate/kmsgate/providers/db"
 )
 
 // Options configure one appliance instance.
@@ -91,6 +92,10 @@ type Options struct {
 	// KeyIntentMaxAge is the age after which an unfinished key create counts as abandoned and its
 	// backend key is swept (0: DefaultKeyIntentMaxAge).
 	KeyIntentMaxAge time.Duration
+	// CacheRefreshInterval is how often a replica on a shared store rebuilds its caches from the
+	// store, the safety net under change notifications (0: DefaultCacheRefreshInterval; negative:
+	// never).
+	CacheRefreshInterval time.Duration
 }
 
 // Appliance is a running kmsgate.
@@ -110,6 +115,7 @@ type Appliance struct {
 
 	keyChains    *keychain.Service
 	intentsSwept *prometheus.CounterVec
+	dbProvs      []*db.Provider // to evict sealed keys deleted through another replica
 
 	mu          sync.Mutex
 	metricsAddr string
@@ -176,6 +182,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		return nil, err
 	}
 	a.metrics = metrics.New(o.Version, o.Commit)
+	a.metrics.RegisterStoreQueries(store.Ops, a.store.Queries)
 	a.registry, err = providers.NewRegistry(ctx, kms.Providers, kms.DefaultProvider, a.factories(),
 		func(id string) providers.Observer { return a.metrics.ProviderRecorder(id) })
 	if err != nil {
@@ -338,6 +345,9 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 	go a.health.run(bg, healthEvery)
 	go a.gcLoop(bg)
 	go a.startKeyChainScheduler(bg)
+	if a.store.Shared() {
+		go a.syncCaches(bg)
+	}
 
 	errc := make(chan error, 3)
 	if sockLn != nil {

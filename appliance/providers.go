@@ -28,7 +28,7 @@ func providerTypes() map[string]providerType {
 	noSecrets := func() []string { return nil }
 	return map[string]providerType{
 		providers.TypeDB: {func(a *Appliance) providers.Factory {
-			return db.Factory(a.sealer, dbAAD, store.SealedKeys{St: a.store}, a.log)
+			return a.trackDB(db.Factory(a.sealer, dbAAD, store.SealedKeys{St: a.store}, a.log))
 		}, noSecrets},
 		providers.TypePKCS11: {func(a *Appliance) providers.Factory { return providers.FactoryFor(pkcs11.New, a.log) }, pkcs11.SecretFields},
 		providers.TypeVault:  {func(a *Appliance) providers.Factory { return providers.FactoryFor(vault.New, a.log) }, vault.SecretFields},

@@ -50,15 +50,15 @@ func envInt(name string, def int) int {
 	return def
 }
 
-func envFloat(name string, def float64) float64 {
-	if v, err := strconv.ParseFloat(os.Getenv(name), 64); err == nil {
+func envDuration(name string, def time.Duration) time.Duration {
+	if v, err := time.ParseDuration(os.Getenv(name)); err == nil {
 		return v
 	}
 	return def
 }
 
-func envDuration(name string, def time.Duration) time.Duration {
-	if v, err := time.ParseDuration(os.Getenv(name)); err == nil {
+func envFloat(name string, def float64) float64 {
+	if v, err := strconv.ParseFloat(os.Getenv(name), 64); err == nil {
 		return v
 	}
 	return def
@@ -194,6 +194,8 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 		"cap on concurrent connections; further ones are closed at once (negative: no cap; env KMSGATE_MAX_CONNS)")
 	f.IntVar(&o.MaxConnsPerIP, "max-conns-per-ip", envInt("KMSGATE_MAX_CONNS_PER_IP", appliance.DefaultMaxConnsPerIP),
 		"cap on concurrent connections from one client IP (negative: no cap; env KMSGATE_MAX_CONNS_PER_IP)")
+	f.DurationVar(&o.CacheRefreshInterval, "cache-refresh-interval", envDuration("KMSGATE_CACHE_REFRESH_INTERVAL", appliance.DefaultCacheRefreshInterval),
+		"with a shared store: how often caches are rebuilt from it besides change notices (negative: never; env KMSGATE_CACHE_REFRESH_INTERVAL)")
 	f.IntVar(&o.MaxChainsPerTenant, "max-chains-per-tenant", envInt("KMSGATE_MAX_CHAINS_PER_TENANT", appliance.DefaultMaxChainsPerTenant),
 		"key chains one tenant may hold; more answer 403 quota_exceeded (-1: no cap; env KMSGATE_MAX_CHAINS_PER_TENANT)")
 	f.IntVar(&o.MaxKeysPerTenant, "max-keys-per-tenant", envInt("KMSGATE_MAX_KEYS_PER_TENANT", keys.DefaultMaxKeysPerTenant),

@@ -18,6 +18,8 @@ import (
 type index struct {
 	mu      sync.Mutex
 	tenants map[string]*tenantIndex
+	// sign caches what signing with a chain needs; every write of a chain drops its entry.
+	sign signCache
 }
 
 type tenantIndex struct {
@@ -37,7 +39,9 @@ type indexEntry struct {
 	createdAt time.Time
 }
 
-func newIndex() *index { return &index{tenants: map[string]*tenantIndex{}} }
+func newIndex() *index {
+	return &index{tenants: map[string]*tenantIndex{}, sign: signCache{m: map[chainRef]*signing{}}}
+}
 
 // tenant returns the tenant's entry, loaded, with its lock held; the caller unlocks it.
 func (ix *index) tenant(ctx context.Context, s *Service, tenant string) (*tenantIndex, error) {
@@ -92,6 +96,7 @@ func (ix *index) loadedTenant(tenant string) *tenantIndex {
 }
 
 func (ix *index) put(c *Chain) {
+	ix.sign.drop(c.Tenant, c.ID)
 	if ti := ix.loadedTenant(c.Tenant); ti != nil {
 		ti.chains[c.ID] = indexEntry{usageType: c.UsageType, createdAt: c.CreatedAt}
 		ti.mu.Unlock()
@@ -99,6 +104,7 @@ func (ix *index) put(c *Chain) {
 }
 
 func (ix *index) remove(tenant, id string) {
+	ix.sign.drop(tenant, id)
 	if ti := ix.loadedTenant(tenant); ti != nil {
 		delete(ti.chains, id)
 		ti.mu.Unlock()
@@ -185,25 +191,9 @@ func (ix *index) reserve(ctx context.Context, s *Service, tenant string) (releas
 // Warm fills the index of every tenant that has chains in one pass over the store (at
 // start-up), so no signing request pays for reading its tenant's chains.
 func (s *Service) Warm(ctx context.Context) error {
-	byTenant := map[string]map[string]indexEntry{}
-	err := s.st.List(ctx, prefixChain, func(key string, val []byte) error {
-		var c struct {
-			ID        string    `json:"id"`
-			Tenant    string    `json:"tenant"`
-			UsageType string    `json:"usageType"`
-			CreatedAt time.Time `json:"createdAt"`
-		}
-		if err := json.Unmarshal(val, &c); err != nil {
-			return fmt.Errorf("decode key chain %q: %w", key, err)
-		}
-		if byTenant[c.Tenant] == nil {
-			byTenant[c.Tenant] = map[string]indexEntry{}
-		}
-		byTenant[c.Tenant][c.ID] = indexEntry{usageType: c.UsageType, createdAt: c.CreatedAt}
-		return nil
-	})
+	byTenant, err := s.listIndex(ctx)
 	if err != nil {
-		return fmt.Errorf("index key chains: %w", err)
+		return err
 	}
 	ix := s.idx
 	for tenant, chains := range byTenant {

@@ -20,7 +20,12 @@ var reservedHeaders = map[string]bool{"alg": true, "kid": true, "x5c": true, "b6
 	"jwk": true, "x5u": true, "jku": true}
 
 // signingChain loads a chain that may sign and its provider.
+// A known chain is served from the index's signing cache: signing costs no store read.
 func (s *Service) signingChain(ctx context.Context, tenant, id string) (*Chain, signer, error) {
+	if e := s.idx.sign.get(tenant, id); e != nil {
+		return e.c, e.sg, nil
+	}
+	gen := s.idx.sign.generation()
 	c, err := s.load(ctx, tenant, id)
 	if err != nil {
 		return nil, signer{}, err
@@ -36,7 +41,9 @@ func (s *Service) signingChain(ctx context.Context, tenant, id string) (*Chain, 
 	if err != nil {
 		return nil, signer{}, err
 	}
-	return c, s.signerOf(prov, ref), nil
+	sg := s.signerOf(prov, ref)
+	s.idx.sign.put(tenant, id, &signing{c: c, sg: sg}, gen)
+	return c, sg, nil
 }
 
 // Sign signs a message or a SHA-256 digest with the chain's active key (raw r‖s).

@@ -45,6 +45,7 @@ type Service struct {
 	now     func() time.Time
 	mu      sync.RWMutex
 	entries map[entryKey]*entry
+	gen     uint64 // bumped under mu by every invalidation (see install)
 }
 
 type entryKey struct{ tenant, kid string }
@@ -282,11 +283,7 @@ func (s *Service) Delete(ctx context.Context, tenant, kid string) error {
 	return nil
 }
 
-func (s *Service) forget(tenant, kid string) {
-	s.mu.Lock()
-	delete(s.entries, entryKey{tenant, kid})
-	s.mu.Unlock()
-}
+func (s *Service) forget(tenant, kid string) { s.Invalidate(tenant, kid) }
 
 func (s *Service) lookup(ctx context.Context, tenant, kid string) (*entry, error) {
 	s.mu.RLock()
@@ -298,6 +295,7 @@ func (s *Service) lookup(ctx context.Context, tenant, kid string) (*entry, error
 	if err := ValidateKID(kid); err != nil {
 		return nil, err
 	}
+	gen := s.generation()
 	var r store.KeyRef
 	if err := s.st.Get(ctx, store.KeyRecordKey(tenant, kid), &r); err != nil {
 		if errors.Is(err, store.ErrNotFound) {
@@ -314,9 +312,7 @@ func (s *Service) lookup(ctx context.Context, tenant, kid string) (*entry, error
 		return nil, err
 	}
 	e = &entry{ref: ref, prov: p, caps: p.Capabilities()}
-	s.mu.Lock()
-	s.entries[entryKey{strings.Clone(tenant), strings.Clone(kid)}] = e
-	s.mu.Unlock()
+	s.install(tenant, kid, e, gen)
 	return e, nil
 }
 

@@ -14,6 +14,9 @@ type backend interface {
 	// update runs fn in one serialisable transaction, re-running it when a concurrent transaction
 	// conflicted, so callers never see a conflict; fn must therefore have no side effects beyond tx.
 	update(ctx context.Context, fn func(tx backendTxn) error) error
+	// shared reports whether other processes write the same store; watch reports their writes.
+	shared() bool
+	watch(ctx context.Context, fn func(Change)) error
 	gc()
 	close() error
 }

@@ -57,6 +57,15 @@ func isLockErr(err error) bool {
 
 func (b *badgerBackend) close() error { return b.db.Close() }
 
+// Badger's directory lock admits one process: every write goes through this one's services,
+// which keep their caches current themselves, so there is nothing to watch.
+func (b *badgerBackend) shared() bool { return false }
+
+func (b *badgerBackend) watch(ctx context.Context, _ func(Change)) error {
+	<-ctx.Done()
+	return nil
+}
+
 func (b *badgerBackend) gc() {
 	for b.db.RunValueLogGC(0.5) == nil {
 	}

@@ -47,6 +47,7 @@ func RedactURL(dsn string) string {
 type pgBackend struct {
 	pool *pgxpool.Pool
 	ops  pgOps
+	log  *slog.Logger
 }
 
 // OpenPostgres connects to the database at dsn (a postgres:// URL) and migrates its schema. An
@@ -91,7 +92,11 @@ func OpenPostgres(ctx context.Context, dsn string, o PostgresOptions) (*Store, e
 		pool.Close()
 		return nil, fmt.Errorf("store: PostgreSQL at %s: %w", red, err)
 	}
-	return &Store{b: &pgBackend{pool: pool, ops: pgOps{q: pool}}}, nil
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Store{b: &pgBackend{pool: pool, ops: pgOps{q: pool}, log: log}}, nil
 }
 
 func (b *pgBackend) close() error { b.pool.Close(); return nil }
@@ -212,6 +217,12 @@ type querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
+// notifyWritten completes a statement whose CTE w returns the keys it wrote or deleted: it
+// announces each on notifyChannel, inside the statement's transaction, so PostgreSQL delivers
+// the notice only once that transaction commits (and drops it on a rollback). Keys contain NUL,
+// which a notice payload cannot carry, hence hex. Its row count is the number of keys written.
+const notifyWritten = "SELECT pg_notify('" + notifyChannel + "', encode(key, 'hex')) FROM w"
+
 // pgOps are the single-record statements, on the pool (autocommit) or inside a transaction.
 type pgOps struct{ q querier }
 
@@ -228,9 +239,9 @@ func (o pgOps) get(ctx context.Context, key string) ([]byte, error) {
 }
 
 func (o pgOps) put(ctx context.Context, key string, val []byte) error {
-	_, err := o.q.Exec(ctx, `INSERT INTO records (key, value) VALUES ($1, $2)
-		ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = records.version + 1, updated_at = now()`,
-		[]byte(key), val)
+	_, err := o.q.Exec(ctx, `WITH w AS (INSERT INTO records (key, value) VALUES ($1, $2)
+		ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = records.version + 1, updated_at = now()
+		RETURNING key) `+notifyWritten, []byte(key), val)
 	if err != nil {
 		return fmt.Errorf("store put: %w", err)
 	}
@@ -238,7 +249,8 @@ func (o pgOps) put(ctx context.Context, key string, val []byte) error {
 }
 
 func (o pgOps) create(ctx context.Context, key string, val []byte) error {
-	tag, err := o.q.Exec(ctx, "INSERT INTO records (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING", []byte(key), val)
+	tag, err := o.q.Exec(ctx, `WITH w AS (INSERT INTO records (key, value) VALUES ($1, $2)
+		ON CONFLICT (key) DO NOTHING RETURNING key) `+notifyWritten, []byte(key), val)
 	if err != nil {
 		return fmt.Errorf("store create: %w", err)
 	}
@@ -249,7 +261,8 @@ func (o pgOps) create(ctx context.Context, key string, val []byte) error {
 }
 
 func (o pgOps) del(ctx context.Context, key string) error {
-	if _, err := o.q.Exec(ctx, "DELETE FROM records WHERE key = $1", []byte(key)); err != nil {
+	if _, err := o.q.Exec(ctx, `WITH w AS (DELETE FROM records WHERE key = $1 RETURNING key) `+notifyWritten,
+		[]byte(key)); err != nil {
 		return fmt.Errorf("store delete: %w", err)
 	}
 	return nil

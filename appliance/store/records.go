@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/kmsgate/kmsgate/internal/keyutil"
@@ -30,10 +31,12 @@ func KeyRecordKey(tenant, kid string) string {
 func KeyRecordPrefix(tenant string) string { return prefixKey + tenant + "\x00" }
 func MetaKey(name string) string           { return prefixMeta + name }
 
-// TenantPrefix and CredentialPrefix are the list prefixes.
+// TenantPrefix, CredentialPrefix and KeyRecordsPrefix (every tenant's key records) are list
+// prefixes.
 const (
 	TenantPrefix     = prefixTenant
 	CredentialPrefix = prefixCredential
+	KeyRecordsPrefix = prefixKey
 )
 
 // Tenant is an isolated namespace of keys and key chains.
@@ -98,3 +101,21 @@ func (k SealedKeys) Save(ctx context.Context, id string, sealed []byte) error {
 func (k SealedKeys) Remove(ctx context.Context, id string) error {
 	return k.St.Delete(ctx, DBKeyKey(id))
 }
+
+// ParseKeyRecordKey splits a key record's store key into tenant and kid; ok is false for any
+// other key.
+func ParseKeyRecordKey(key string) (tenant, kid string, ok bool) {
+	rest, ok := strings.CutPrefix(key, prefixKey)
+	if !ok {
+		return "", "", false
+	}
+	return strings.Cut(rest, "\x00")
+}
+
+// ParseCredentialKey returns the credential id of a credential record's store key.
+func ParseCredentialKey(key string) (id string, ok bool) {
+	return strings.CutPrefix(key, prefixCredential)
+}
+
+// ParseDBKeyKey returns the sealed key id of a db provider key record's store key.
+func ParseDBKeyKey(key string) (id string, ok bool) { return strings.CutPrefix(key, prefixDBKey) }

@@ -25,6 +25,7 @@ var ErrLocked = errors.New("data directory is locked by another kmsgate process"
 // Store is the record store on one of its engines.
 type Store struct {
 	b backend
+	q queryCounts
 }
 
 // Options tunes Badger. The zero value is the appliance default.
@@ -52,6 +53,7 @@ func (s *Store) RunGC() { s.b.gc() }
 
 // Get decodes the record at key into v.
 func (s *Store) Get(ctx context.Context, key string, v any) error {
+	s.q.inc(OpGet)
 	b, err := s.b.get(ctx, key)
 	if err != nil {
 		return err
@@ -80,6 +82,7 @@ func (s *Store) Put(ctx context.Context, key string, v any) error {
 	if err != nil {
 		return err
 	}
+	s.q.inc(OpPut)
 	return s.b.put(ctx, key, b)
 }
 
@@ -89,23 +92,32 @@ func (s *Store) Create(ctx context.Context, key string, v any) error {
 	if err != nil {
 		return err
 	}
+	s.q.inc(OpCreate)
 	return s.b.create(ctx, key, b)
 }
 
 // Delete removes key; a missing key is not an error.
-func (s *Store) Delete(ctx context.Context, key string) error { return s.b.del(ctx, key) }
+func (s *Store) Delete(ctx context.Context, key string) error {
+	s.q.inc(OpDelete)
+	return s.b.del(ctx, key)
+}
 
 // List calls fn for every record whose key starts with prefix, in byte order of the keys. fn
 // must copy val if it keeps it.
 func (s *Store) List(ctx context.Context, prefix string, fn func(key string, val []byte) error) error {
+	s.q.inc(OpList)
 	return s.b.list(ctx, prefix, fn)
 }
 
 // Txn is a read-write transaction for multi-record updates that must land together.
-type Txn struct{ tx backendTxn }
+type Txn struct {
+	tx backendTxn
+	q  *queryCounts
+}
 
 // Get decodes key into v; it sees the transaction's own writes.
 func (t *Txn) Get(key string, v any) error {
+	t.q.inc(OpGet)
 	b, err := t.tx.get(key)
 	if err != nil {
 		return err
@@ -119,6 +131,7 @@ func (t *Txn) Put(key string, v any) error {
 	if err != nil {
 		return err
 	}
+	t.q.inc(OpPut)
 	return t.tx.put(key, b)
 }
 
@@ -128,15 +141,23 @@ func (t *Txn) Create(key string, v any) error {
 	if err != nil {
 		return err
 	}
+	t.q.inc(OpCreate)
 	return t.tx.create(key, b)
 }
 
 // Delete removes key; a missing key is not an error.
-func (t *Txn) Delete(key string) error { return t.tx.del(key) }
+func (t *Txn) Delete(key string) error {
+	t.q.inc(OpDelete)
+	return t.tx.del(key)
+}
 
 // Update runs fn in one serialisable transaction; nothing is written unless fn returns nil.
 // A transaction that lost a race with a concurrent one is re-run, so fn may run more than once
 // and must not have effects outside tx.
 func (s *Store) Update(ctx context.Context, fn func(*Txn) error) error {
-	return s.b.update(ctx, func(tx backendTxn) error { return fn(&Txn{tx: tx}) })
+	return s.b.update(ctx, func(tx backendTxn) error {
+		// Each attempt is a transaction of its own (begin and commit round trips).
+		s.q.inc(OpUpdate)
+		return fn(&Txn{tx: tx, q: &s.q})
+	})
 }
