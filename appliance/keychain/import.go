@@ -124,7 +124,8 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 		c.Description = *req.Description
 	}
 	if existing != nil {
-		c.CreatedAt = existing.CreatedAt
+		// The replacement is written only if the record is still the one read here.
+		c.CreatedAt, c.base = existing.CreatedAt, existing.base
 	}
 	req.RotationPolicy.apply(&c.Rotation)
 	// On a replacement in an external backend the old key still exists under the plain kid until
@@ -144,6 +145,9 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 		return "", err
 	}
 	if err := s.commitChain(ctx, ks, c, false); err != nil {
+		if errors.Is(err, errStale) {
+			return "", errConflict(id) // another replica wrote the same id meanwhile
+		}
 		return "", err
 	}
 	if existing != nil {

@@ -93,6 +93,13 @@ type Chain struct {
 	LastRotatedAt *time.Time `json:"lastRotatedAt,omitempty"`
 	CreatedAt     time.Time  `json:"createdAt"`
 	UpdatedAt     time.Time  `json:"updatedAt"`
+
+	// Version counts the writes of this record; every write checks, in the same store
+	// transaction, that the record still has the version it was read at (see occ.go).
+	Version int64 `json:"version,omitempty"`
+
+	// base is the state the record had when it was read (never stored).
+	base chainBase
 }
 
 // PreviousKey is a rotated-out key with the certificate chain it had and the end of its grace.

@@ -2,6 +2,7 @@ package keychain
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 
@@ -79,40 +80,38 @@ func (s *Service) Update(ctx context.Context, tenant, id string, req UpdateReque
 	if err := validatePolicy(req.RotationPolicy, false); err != nil {
 		return err
 	}
-	c, unlock, err := s.lockExisting(ctx, tenant, id)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	if req.ActiveCertificate != nil {
-		if c.Usage == KeyUseEncrypt {
-			return badRequest("validation_failed", "encrypt key chains carry no certificate")
+	// A patch that lost against another replica's write is applied once more to the new state.
+	return s.retryStale(ctx, tenant, id, func(c *Chain) error {
+		if req.ActiveCertificate != nil {
+			if c.Usage == KeyUseEncrypt {
+				return badRequest("validation_failed", "encrypt key chains carry no certificate")
+			}
+			// Unlike EUDIPLO the replacement is validated: a chain whose leaf does not hold the active
+			// key would make every signature unverifiable.
+			entries, err := pemEntries(*req.ActiveCertificate)
+			if err != nil {
+				return err
+			}
+			certs, err := validateChain("activeCertificate", entries, s.now())
+			if err != nil {
+				return err
+			}
+			pub, err := publicOf(c.Active)
+			if err != nil {
+				return err
+			}
+			if err := requireKeyMatch("activeCertificate", 0, len(certs), certs[0], pub, "chain's active key"); err != nil {
+				return err
+			}
+			c.ActiveCertificate = pemChain(certs)
 		}
-		// Unlike EUDIPLO the replacement is validated: a chain whose leaf does not hold the active
-		// key would make every signature unverifiable.
-		entries, err := pemEntries(*req.ActiveCertificate)
-		if err != nil {
-			return err
+		if req.Description != nil {
+			c.Description = *req.Description
 		}
-		certs, err := validateChain("activeCertificate", entries, s.now())
-		if err != nil {
-			return err
-		}
-		pub, err := publicOf(c.Active)
-		if err != nil {
-			return err
-		}
-		if err := requireKeyMatch("activeCertificate", 0, len(certs), certs[0], pub, "chain's active key"); err != nil {
-			return err
-		}
-		c.ActiveCertificate = pemChain(certs)
-	}
-	if req.Description != nil {
-		c.Description = *req.Description
-	}
-	req.RotationPolicy.apply(&c.Rotation)
-	c.UpdatedAt = s.now()
-	return s.save(ctx, c)
+		req.RotationPolicy.apply(&c.Rotation)
+		c.UpdatedAt = s.now()
+		return s.save(ctx, c)
+	})
 }
 
 // pemEntries splits a PEM string into one PEM per certificate.
@@ -126,26 +125,28 @@ func pemEntries(s string) ([]string, error) {
 
 // Delete removes the chain and all its keys (active, previous, root) from their backends.
 func (s *Service) Delete(ctx context.Context, tenant, id string) error {
-	c, unlock, err := s.lockExisting(ctx, tenant, id)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	for _, k := range c.keys() {
-		if err := s.deleteKey(ctx, tenant, k); err != nil {
-			kind := errs.KindOf(err)
-			if kind == errs.Unavailable || kind == errs.Throttled {
-				// Transient: keep the chain so a retry deletes the remaining keys.
+	// A replica that rotated the chain meanwhile added a key this pass has not deleted: the
+	// conditional delete of the record then fails and the next pass deletes the new state's keys.
+	return s.retryStale(ctx, tenant, id, func(c *Chain) error {
+		for _, k := range c.keys() {
+			if err := s.deleteKey(ctx, tenant, k); err != nil {
+				kind := errs.KindOf(err)
+				if kind == errs.Unavailable || kind == errs.Throttled {
+					// Transient: keep the chain so a retry deletes the remaining keys.
+					return err
+				}
+				s.log.Warn("key chain delete: key could not be deleted in its backend", "chain", id, "kid", k.KID, "error", err)
+			}
+		}
+		if err := s.casDelete(ctx, c); err != nil {
+			if errors.Is(err, errStale) {
 				return err
 			}
-			s.log.Warn("key chain delete: key could not be deleted in its backend", "chain", id, "kid", k.KID, "error", err)
+			return fmt.Errorf("delete key chain %s: %w", id, err)
 		}
-	}
-	if err := s.st.Delete(ctx, chainKey(tenant, id)); err != nil {
-		return fmt.Errorf("delete key chain %s: %w", id, err)
-	}
-	s.idx.remove(tenant, id)
-	return nil
+		s.idx.remove(tenant, id)
+		return nil
+	})
 }
 
 // ---- providers ----

@@ -2,6 +2,7 @@ package keychain
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -22,12 +23,10 @@ func (s *Service) Rotate(ctx context.Context, tenant, id, trigger string) (err e
 			s.m.RotationsTotal.WithLabelValues(trigger, res).Inc()
 		}
 	}()
-	c, unlock, err := s.lockExisting(ctx, tenant, id)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	return s.rotateLocked(ctx, c)
+	// Two replicas rotating the same chain at once both get a rotation: the one whose write lost
+	// rotates once more from the winner's state (its first new key is rolled back). Losing twice
+	// answers 409 key_chain_conflict.
+	return s.retryStale(ctx, tenant, id, func(c *Chain) error { return s.rotateLocked(ctx, c) })
 }
 
 // rotateIfDue re-checks under the chain lock that the chain is still due (a manual rotation or an
@@ -45,6 +44,11 @@ func (s *Service) rotateIfDue(ctx context.Context, tenant, id string) (done bool
 		return false, nil
 	}
 	err = s.rotateLocked(ctx, c)
+	if errors.Is(err, errStale) {
+		// Another replica rotated or changed the chain since it was read here; this replica's new
+		// key has been rolled back. Not an error: the chain is rotated exactly once.
+		return false, nil
+	}
 	if s.m != nil {
 		res := "ok"
 		if err != nil {
@@ -194,7 +198,10 @@ func (s *Service) expirePrevious(ctx context.Context, tenant, id string) error {
 		return err
 	}
 	defer unlock()
-	return s.pruneLocked(ctx, c)
+	if err := s.pruneLocked(ctx, c); !errors.Is(err, errStale) {
+		return err
+	}
+	return nil // another replica pruned or rotated it meanwhile; the next pass looks again
 }
 
 // hasExpired reports whether a previous key's grace period is over at now.
@@ -205,42 +212,6 @@ func (c *Chain) hasExpired(now time.Time) bool {
 		}
 	}
 	return false
-}
-
-// Tick runs one scheduler pass: retries failed tenant bootstraps, rotates due chains and deletes
-// expired previous keys. Errors are logged per chain and never stop the pass. It returns the
-// number of rotations.
-func (s *Service) Tick(ctx context.Context) int {
-	s.RetryBootstraps(ctx)
-	chains, err := s.list(ctx, prefixChain)
-	if err != nil {
-		s.log.Error("rotation scheduler: list key chains", "error", err)
-		return 0
-	}
-	rotated := 0
-	for _, c := range chains {
-		if ctx.Err() != nil {
-			return rotated
-		}
-		now := s.now()
-		if next, ok := c.nextRotation(); ok && !now.Before(next) {
-			done, err := s.rotateIfDue(ctx, c.Tenant, c.ID)
-			switch {
-			case err != nil:
-				s.log.Error("rotation scheduler: rotation failed", "tenant", c.Tenant, "chain", c.ID, "error", err)
-			case done:
-				rotated++
-				s.log.Info("rotation scheduler: rotated key chain", "tenant", c.Tenant, "chain", c.ID)
-			}
-		}
-		if c.hasExpired(now) {
-			if err := s.expirePrevious(ctx, c.Tenant, c.ID); err != nil {
-				s.log.Warn("rotation scheduler: could not delete an expired previous key", "tenant", c.Tenant,
-					"chain", c.ID, "error", err)
-			}
-		}
-	}
-	return rotated
 }
 
 // RunScheduler calls Tick every interval (default 1 h) until ctx ends.

@@ -77,6 +77,12 @@ type Config struct {
 	Now func() time.Time
 	// MaxChainsPerTenant caps how many key chains one tenant may hold (0 or negative: no cap).
 	MaxChainsPerTenant int
+	// Instance names this replica in rotation leases (default: a random id).
+	Instance string
+	// RotationWorkers bounds the chains the scheduler rotates at once (default 4).
+	RotationWorkers int
+	// RotationLease is how long a claimed rotation lease lasts (default 5 min).
+	RotationLease time.Duration
 }
 
 // Service manages key chains. It is safe for concurrent use; mutations of one chain are
@@ -102,6 +108,8 @@ type Service struct {
 
 	idx       *index
 	maxChains int
+
+	rot rotationConfig
 }
 
 // lockStripes is the number of chain-lock stripes: enough that unrelated chains rarely wait on
@@ -116,6 +124,7 @@ func New(c Config) *Service {
 	if s.grace <= 0 {
 		s.grace = DefaultGrace
 	}
+	s.rot = newRotationConfig(c)
 	if s.clock == nil {
 		s.clock = time.Now
 	}
@@ -170,11 +179,19 @@ func (s *Service) lockExisting(ctx context.Context, tenant, id string) (*Chain, 
 		return nil, nil, err
 	}
 	if !ok {
-		return nil, nil, errNotFound(id)
+		// Another replica sharing the store may have created it since this index was filled.
+		c, err := s.load(ctx, tenant, id)
+		if err != nil {
+			return nil, nil, err
+		}
+		s.idx.put(c)
 	}
 	unlock := s.lock(tenant, id)
 	c, err := s.load(ctx, tenant, id)
 	if err != nil {
+		if errs.KindOf(err) == errs.NotFound {
+			s.idx.remove(tenant, id) // deleted by another replica
+		}
 		unlock()
 		return nil, nil, err
 	}
@@ -197,21 +214,26 @@ func (s *Service) load(ctx context.Context, tenant, id string) (*Chain, error) {
 		return nil, fmt.Errorf("load key chain %s: %w", id, err)
 	}
 	c.migrate()
+	c.markLoaded()
 	return &c, nil
 }
 
 // commitChain writes c together with the bookkeeping of the keys ks created for it. With a
 // transactional lifecycle the chain record, the keys' owned records and the removal of their
 // intents are one store transaction, so a crash leaves either the chain or an intent the sweep
-// resolves — never a key that counts against the quota while nothing uses it.
+// resolves — never a key that counts against the quota while nothing uses it. The write is a
+// compare-and-swap against the state c was read in (occ.go): when another replica changed the
+// chain meanwhile, the keys of ks are rolled back and errStale is returned.
 func (s *Service) commitChain(ctx context.Context, ks *keys.Batch, c *Chain, create bool) error {
 	key := chainKey(c.Tenant, c.ID)
+	c.prepareWrite()
 	if !ks.Transactional() {
 		return ks.Commit(func() error {
 			if create {
 				if err := s.st.Create(ctx, key, c); err != nil {
 					return fmt.Errorf("store key chain: %w", err)
 				}
+				c.markLoaded()
 				s.idx.put(c)
 				return nil
 			}
@@ -222,19 +244,23 @@ func (s *Service) commitChain(ctx context.Context, ks *keys.Batch, c *Chain, cre
 		if create {
 			return tx.Create(key, c)
 		}
-		return tx.Put(key, c)
+		return writeChainTx(tx, c)
 	})
 	if err != nil {
-		return fmt.Errorf("store key chain %s: %w", c.ID, err)
+		return wrapStore(c.ID, err)
 	}
+	c.markLoaded()
 	s.idx.put(c)
 	return nil
 }
 
+// save writes c if the record is still as c was read (errStale otherwise).
 func (s *Service) save(ctx context.Context, c *Chain) error {
-	if err := s.st.Put(ctx, chainKey(c.Tenant, c.ID), c); err != nil {
-		return fmt.Errorf("store key chain %s: %w", c.ID, err)
+	c.prepareWrite()
+	if err := s.casWrite(ctx, c); err != nil {
+		return wrapStore(c.ID, err)
 	}
+	c.markLoaded()
 	s.idx.put(c)
 	return nil
 }
@@ -247,6 +273,7 @@ func (s *Service) list(ctx context.Context, prefix string) ([]*Chain, error) {
 			return fmt.Errorf("decode key chain %q: %w", key, err)
 		}
 		c.migrate()
+		c.markLoaded()
 		out = append(out, &c)
 		return nil
 	})
