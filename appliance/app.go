@@ -196,6 +196,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.intentsSwept = newIntentsSwept()
 	a.metrics.Registry.MustRegister(a.intentsSwept)
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
+	a.health.watchStore(a.store, o.storeOptions().Backend())
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
 		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits()}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {

@@ -28,6 +28,8 @@ type healthMonitor struct {
 
 	mu    sync.Mutex
 	state map[string]*probeState // one per provider, built once; fields guarded by mu
+
+	store *storeHealth // nil: no store to probe
 }
 
 type probeState struct {
@@ -136,6 +138,19 @@ func (h *healthMonitor) probe(st *probeState, done chan struct{}) {
 	}
 }
 
+// Store reports the record store's health from the last background probe.
+func (h *healthMonitor) Store() api.StoreHealth {
+	if h.store == nil {
+		return api.StoreHealth{OK: true}
+	}
+	return h.store.Store()
+}
+
+// watchStore adds the record store to the background probes.
+func (h *healthMonitor) watchStore(st storeProber, backend string) {
+	h.store = &storeHealth{st: st, backend: backend, timeout: h.timeout, log: h.log}
+}
+
 func (h *healthMonitor) record(r api.ProviderHealth) {
 	up := 0.0
 	if r.OK {
@@ -156,6 +171,9 @@ func (h *healthMonitor) run(ctx context.Context, every time.Duration) {
 			h.startLocked(st)
 		}
 		h.mu.Unlock()
+		if h.store != nil {
+			go h.store.probe()
+		}
 		select {
 		case <-ctx.Done():
 			return

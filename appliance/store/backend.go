@@ -15,6 +15,8 @@ type backend interface {
 	// conflicted, so callers never see a conflict; fn must therefore have no side effects beyond tx.
 	update(ctx context.Context, fn func(tx backendTxn) error) error
 	gc()
+	// probe reports whether the engine can serve writes now (for health checks).
+	probe(ctx context.Context) error
 	close() error
 }
 
