@@ -146,9 +146,31 @@ func (h *healthMonitor) Store() api.StoreHealth {
 	return h.store.Store()
 }
 
+// StoreProbeInterval is how often the record store is probed. Shorter than the provider interval:
+// a probe is a stat (Badger) or one ping (PostgreSQL), and /health should report a store outage
+// within seconds.
+const StoreProbeInterval = 2 * time.Second
+
 // watchStore adds the record store to the background probes.
 func (h *healthMonitor) watchStore(st storeProber, backend string) {
 	h.store = &storeHealth{st: st, backend: backend, timeout: h.timeout, log: h.log}
+}
+
+// runStore probes the store every interval until ctx ends.
+func (h *healthMonitor) runStore(ctx context.Context, every time.Duration) {
+	if h.store == nil {
+		return
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		go h.store.probe()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 func (h *healthMonitor) record(r api.ProviderHealth) {
@@ -171,9 +193,6 @@ func (h *healthMonitor) run(ctx context.Context, every time.Duration) {
 			h.startLocked(st)
 		}
 		h.mu.Unlock()
-		if h.store != nil {
-			go h.store.probe()
-		}
 		select {
 		case <-ctx.Done():
 			return
