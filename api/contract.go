@@ -8,6 +8,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/kmsgate/kmsgate/appliance/keys"
+	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/providers"
 )
@@ -316,6 +317,7 @@ func (s *Server) sign(c *fiber.Ctx) error {
 
 type healthResponse struct {
 	OK         bool             `json:"ok"`
+	Store      StoreHealth      `json:"store"`
 	Providers  []ProviderHealth `json:"providers,omitempty"`
 	Extensions []string         `json:"extensions"`
 }
@@ -327,10 +329,16 @@ func (s *Server) health(c *fiber.Ctx) error {
 	var ids []string
 	if p != nil && p.TenantID != "" {
 		t, err := s.Tenants.Tenant(c.UserContext(), p.TenantID)
-		if err != nil {
+		switch {
+		case store.IsUnavailable(err):
+			// The tenant's provider list is in the store: without it, report the store alone
+			// rather than fail the health check of a gateway that may well still sign.
+			p = nil
+		case err != nil:
 			return err
+		default:
+			ids = t.AllowedProviders
 		}
-		ids = t.AllowedProviders
 	}
 	var reports []ProviderHealth
 	if p != nil {
@@ -338,11 +346,12 @@ func (s *Server) health(c *fiber.Ctx) error {
 	} else {
 		reports = s.Health.Last(c.UserContext(), ids)
 	}
-	ok := true
+	st := s.Health.Store()
+	ok := st.OK
 	for _, r := range reports {
 		ok = ok && r.OK
 	}
-	resp := healthResponse{OK: ok, Extensions: []string{"digest"}}
+	resp := healthResponse{OK: ok, Store: st, Extensions: []string{"digest"}}
 	if p != nil {
 		resp.Providers = reports
 	}

@@ -6,6 +6,7 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/metrics"
@@ -31,6 +32,9 @@ func problem(status int, code, msg string) error {
 	return &apiError{status: status, code: code, msg: msg}
 }
 
+// storeRetryAfter is the Retry-After, in seconds, of a store_unavailable answer.
+const storeRetryAfter = 5
+
 var kindStatus = map[errs.Kind]struct {
 	status int
 	code   string
@@ -54,6 +58,11 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 	switch {
 	case errors.As(err, &ae):
 		status, code, msg = ae.status, ae.code, ae.msg
+	case store.IsUnavailable(err):
+		// Checked before the outermost kind: a layer may have wrapped the store's failure in an
+		// error of its own, and the caller should still learn that retrying later helps.
+		status, code, msg = fiber.StatusServiceUnavailable, store.CodeUnavailable, "the store is unavailable; retry later"
+		c.Set(fiber.HeaderRetryAfter, strconv.Itoa(storeRetryAfter))
 	case errors.As(err, &pe) && pe.Kind != errs.Internal:
 		ks := kindStatus[pe.Kind]
 		status, code, msg = ks.status, ks.code, errs.PublicMessage(err)

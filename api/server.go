@@ -32,6 +32,18 @@ type HealthChecker interface {
 	// Last answers from the last result whatever its age; it waits only while a provider has never
 	// been probed (anonymous callers).
 	Last(ctx context.Context, ids []string) []ProviderHealth
+	// Store reports the record store's health from the background monitor's last probe.
+	Store() StoreHealth
+}
+
+// StoreHealth is the record store's health: the engine, and on failure a stable code
+// (store_unavailable, probe_timeout, not_probed) with a short reason, never the engine's own text.
+type StoreHealth struct {
+	Backend   string `json:"backend"`
+	OK        bool   `json:"ok"`
+	LatencyMs int64  `json:"latencyMs"`
+	Code      string `json:"code,omitempty"`
+	Error     string `json:"error,omitempty"`
 }
 
 // ProviderHealth is one provider's health as callers see it: a stable code and a short reason,

@@ -119,6 +119,9 @@ type Appliance struct {
 
 	mu          sync.Mutex
 	metricsAddr string
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // DBDir is where Badger lives under the data dir.
@@ -203,6 +206,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.intentsSwept = newIntentsSwept()
 	a.metrics.Registry.MustRegister(a.intentsSwept)
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
+	a.health.watchStore(a.store, o.storeOptions().Backend())
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
 		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits()}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
@@ -343,6 +347,7 @@ func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
 		healthEvery = DefaultHealthInterval
 	}
 	go a.health.run(bg, healthEvery)
+	go a.health.runStore(bg, StoreProbeInterval)
 	go a.gcLoop(bg)
 	go a.startKeyChainScheduler(bg)
 	if a.store.Shared() {
@@ -442,16 +447,43 @@ func (a *Appliance) gcLoop(ctx context.Context) {
 	}
 }
 
-// Close releases providers and the store.
+// StoreCloseTimeout bounds closing the store at shutdown. With the default 30 s drain it keeps a
+// stop well inside the systemd unit's TimeoutStopSec (45 s), so a store that cannot flush ends in
+// a non-zero exit the service manager reports, not in a SIGKILL after a hang.
+const StoreCloseTimeout = 10 * time.Second
+
+// Close releases providers and the store. An error means the store was not cleanly closed: the
+// caller should exit non-zero (acknowledged writes are durable either way).
 func (a *Appliance) Close() error {
 	var failures []error
 	if a.registry != nil {
 		failures = append(failures, a.registry.Close())
 	}
 	if a.store != nil {
-		failures = append(failures, a.store.Close())
+		failures = append(failures, a.closeStore(StoreCloseTimeout))
 	}
 	return errors.Join(failures...)
+}
+
+// closeStore closes the store in the background and gives up after timeout: a close that hangs
+// (an engine retrying a flush that cannot succeed) must not keep the process from exiting.
+func (a *Appliance) closeStore(timeout time.Duration) error {
+	a.closeOnce.Do(func() {
+		done := make(chan error, 1)
+		go func() { done <- a.store.Close() }()
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		select {
+		case a.closeErr = <-done:
+		case <-t.C:
+			a.closeErr = fmt.Errorf("store close did not finish within %s", timeout)
+		}
+		if a.closeErr != nil {
+			a.log.Error("store not closed cleanly", "error", a.closeErr)
+			a.closeErr = fmt.Errorf("close store: %w", a.closeErr)
+		}
+	})
+	return a.closeErr
 }
 
 // DevBootstrap creates the dev tenant once and prints its API key, which is kept in the data dir

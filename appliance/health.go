@@ -28,6 +28,8 @@ type healthMonitor struct {
 
 	mu    sync.Mutex
 	state map[string]*probeState // one per provider, built once; fields guarded by mu
+
+	store *storeHealth // nil: no store to probe
 }
 
 type probeState struct {
@@ -133,6 +135,41 @@ func (h *healthMonitor) probe(st *probeState, done chan struct{}) {
 			"error", raw.Error)
 	case raw.OK && hadResult && !wasOK:
 		h.log.Info("provider healthy again", "provider", r.ProviderID, "type", r.Type)
+	}
+}
+
+// Store reports the record store's health from the last background probe.
+func (h *healthMonitor) Store() api.StoreHealth {
+	if h.store == nil {
+		return api.StoreHealth{OK: true}
+	}
+	return h.store.Store()
+}
+
+// StoreProbeInterval is how often the record store is probed. Shorter than the provider interval:
+// a probe is a stat (Badger) or one ping (PostgreSQL), and /health should report a store outage
+// within seconds.
+const StoreProbeInterval = 2 * time.Second
+
+// watchStore adds the record store to the background probes.
+func (h *healthMonitor) watchStore(st storeProber, backend string) {
+	h.store = &storeHealth{st: st, backend: backend, timeout: h.timeout, log: h.log}
+}
+
+// runStore probes the store every interval until ctx ends.
+func (h *healthMonitor) runStore(ctx context.Context, every time.Duration) {
+	if h.store == nil {
+		return
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		go h.store.probe()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
 }
 

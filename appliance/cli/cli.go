@@ -137,7 +137,7 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 		Use:   "serve",
 		Short: "Run the signing gateway",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: func(cmd *cobra.Command, _ []string) (err error) {
 			o.ConfigDir, o.DataDir = g.configDir, g.dataDir
 			so := g.storeOptions(nil)
 			o.Store, o.StorePasswordFile = so.URL, so.PasswordFile
@@ -157,7 +157,9 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			defer a.Close()
+			// A store that could not be closed cleanly is an error: the exit status tells the
+			// service manager, and the next start replays the store's log.
+			defer func() { err = errors.Join(err, a.Close()) }()
 			if o.Dev {
 				if err := a.DevBootstrap(ctx); err != nil {
 					return err

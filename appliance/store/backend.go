@@ -18,6 +18,8 @@ type backend interface {
 	shared() bool
 	watch(ctx context.Context, fn func(Change)) error
 	gc()
+	// probe reports whether the engine can serve writes now (for health checks).
+	probe(ctx context.Context) error
 	close() error
 }
 

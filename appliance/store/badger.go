@@ -13,7 +13,10 @@ import (
 )
 
 // badgerBackend is the embedded engine: one directory, one process.
-type badgerBackend struct{ db *badger.DB }
+type badgerBackend struct {
+	db    *badger.DB
+	guard *dirGuard // nil in memory
+}
 
 // openBadger opens (creating if needed) the database under dir.
 //
@@ -46,7 +49,14 @@ func openBadger(dir string, o Options) (*badgerBackend, error) {
 		}
 		return nil, fmt.Errorf("open store %s: %w", dir, err)
 	}
-	return &badgerBackend{db: db}, nil
+	b := &badgerBackend{db: db}
+	if !o.InMemory && !o.ReadOnly {
+		if b.guard, err = newDirGuard(dir); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("open store %s: %w", dir, err)
+		}
+	}
+	return b, nil
 }
 
 // Badger reports a held directory lock only as text.
@@ -55,7 +65,18 @@ func isLockErr(err error) bool {
 	return strings.Contains(s, "Cannot acquire directory lock") || strings.Contains(s, "resource temporarily unavailable")
 }
 
-func (b *badgerBackend) close() error { return b.db.Close() }
+// close flushes and closes Badger, unless the directory is known to be faulty: Badger would then
+// retry its memtable flush forever (or, on a full file system, fault on a memory-mapped write),
+// and every acknowledged write is already in its synced write-ahead log, which the next start
+// replays. The error tells the caller that the store was not flushed.
+func (b *badgerBackend) close() error {
+	if b.guard != nil {
+		if err := b.guard.check(); err != nil {
+			return fmt.Errorf("store not flushed (the next start replays its write-ahead log): %w", err)
+		}
+	}
+	return b.db.Close()
+}
 
 // Badger's directory lock admits one process: every write goes through this one's services,
 // which keep their caches current themselves, so there is nothing to watch.
@@ -83,12 +104,12 @@ func (b *badgerBackend) get(_ context.Context, key string) ([]byte, error) {
 
 // put and del are blind writes: Badger checks conflicts only on keys a transaction read, so they
 // never conflict themselves.
-func (b *badgerBackend) put(_ context.Context, key string, val []byte) error {
-	return b.db.Update(func(txn *badger.Txn) error { return txn.Set([]byte(key), val) })
+func (b *badgerBackend) put(ctx context.Context, key string, val []byte) error {
+	return b.write(ctx, func(txn *badger.Txn) error { return txn.Set([]byte(key), val) })
 }
 
-func (b *badgerBackend) del(_ context.Context, key string) error {
-	return b.db.Update(func(txn *badger.Txn) error { return txn.Delete([]byte(key)) })
+func (b *badgerBackend) del(ctx context.Context, key string) error {
+	return b.write(ctx, func(txn *badger.Txn) error { return txn.Delete([]byte(key)) })
 }
 
 func (b *badgerBackend) create(ctx context.Context, key string, val []byte) error {
@@ -119,7 +140,7 @@ const maxConflictRetries = 1000
 // The jittered, growing pause keeps the retries of many writers of one key from colliding again.
 func (b *badgerBackend) update(ctx context.Context, fn func(tx backendTxn) error) error {
 	for i := 0; ; i++ {
-		err := b.db.Update(func(txn *badger.Txn) error { return fn(badgerTxn{txn}) })
+		err := b.write(ctx, func(txn *badger.Txn) error { return fn(badgerTxn{txn}) })
 		if !errors.Is(err, badger.ErrConflict) || i >= maxConflictRetries {
 			return err
 		}

@@ -12,6 +12,10 @@ import (
 	"log/slog"
 )
 
+// Every error of a read or a write that failed because the engine could not serve (PostgreSQL down,
+// the directory gone, full or read-only…) is an errs.Unavailable with the code store_unavailable
+// (IsUnavailable); everything else keeps its own meaning.
+
 // ErrNotFound is returned when a record does not exist.
 var ErrNotFound = errors.New("record not found")
 
@@ -44,7 +48,9 @@ func Open(dir string, o Options) (*Store, error) {
 	return &Store{b: b}, nil
 }
 
-// Close flushes and closes the database.
+// Close flushes and closes the database. On Badger it returns an error without flushing when the
+// data directory is faulty (see badgerBackend.close); every acknowledged write is then still in
+// the write-ahead log.
 func (s *Store) Close() error { return s.b.close() }
 
 // RunGC reclaims space where the engine needs the application to ask (Badger's value log);
@@ -56,7 +62,7 @@ func (s *Store) Get(ctx context.Context, key string, v any) error {
 	s.q.inc(OpGet)
 	b, err := s.b.get(ctx, key)
 	if err != nil {
-		return err
+		return classify(err)
 	}
 	return decode(key, b, v)
 }
@@ -83,7 +89,7 @@ func (s *Store) Put(ctx context.Context, key string, v any) error {
 		return err
 	}
 	s.q.inc(OpPut)
-	return s.b.put(ctx, key, b)
+	return classify(s.b.put(ctx, key, b))
 }
 
 // Create writes v at key only if no record exists there.
@@ -93,20 +99,20 @@ func (s *Store) Create(ctx context.Context, key string, v any) error {
 		return err
 	}
 	s.q.inc(OpCreate)
-	return s.b.create(ctx, key, b)
+	return classify(s.b.create(ctx, key, b))
 }
 
 // Delete removes key; a missing key is not an error.
 func (s *Store) Delete(ctx context.Context, key string) error {
 	s.q.inc(OpDelete)
-	return s.b.del(ctx, key)
+	return classify(s.b.del(ctx, key))
 }
 
 // List calls fn for every record whose key starts with prefix, in byte order of the keys. fn
 // must copy val if it keeps it.
 func (s *Store) List(ctx context.Context, prefix string, fn func(key string, val []byte) error) error {
 	s.q.inc(OpList)
-	return s.b.list(ctx, prefix, fn)
+	return classify(s.b.list(ctx, prefix, fn))
 }
 
 // Txn is a read-write transaction for multi-record updates that must land together.
@@ -120,7 +126,7 @@ func (t *Txn) Get(key string, v any) error {
 	t.q.inc(OpGet)
 	b, err := t.tx.get(key)
 	if err != nil {
-		return err
+		return classify(err)
 	}
 	return decode(key, b, v)
 }
@@ -132,7 +138,7 @@ func (t *Txn) Put(key string, v any) error {
 		return err
 	}
 	t.q.inc(OpPut)
-	return t.tx.put(key, b)
+	return classify(t.tx.put(key, b))
 }
 
 // Create writes v at key only if no record exists there (ErrExists otherwise).
@@ -142,22 +148,22 @@ func (t *Txn) Create(key string, v any) error {
 		return err
 	}
 	t.q.inc(OpCreate)
-	return t.tx.create(key, b)
+	return classify(t.tx.create(key, b))
 }
 
 // Delete removes key; a missing key is not an error.
 func (t *Txn) Delete(key string) error {
 	t.q.inc(OpDelete)
-	return t.tx.del(key)
+	return classify(t.tx.del(key))
 }
 
 // Update runs fn in one serialisable transaction; nothing is written unless fn returns nil.
 // A transaction that lost a race with a concurrent one is re-run, so fn may run more than once
 // and must not have effects outside tx.
 func (s *Store) Update(ctx context.Context, fn func(*Txn) error) error {
-	return s.b.update(ctx, func(tx backendTxn) error {
+	return classify(s.b.update(ctx, func(tx backendTxn) error {
 		// Each attempt is a transaction of its own (begin and commit round trips).
 		s.q.inc(OpUpdate)
 		return fn(&Txn{tx: tx, q: &s.q})
-	})
+	}))
 }
