@@ -41,8 +41,8 @@ func call(t *testing.T, method, url, key string, body any) (int, []byte, http.He
 	return resp.StatusCode, out, resp.Header
 }
 
-// TestSigningSurvivesPostgresOutage stops PostgreSQL under a sign loop on the contract face:
-// signing with a known key never fails, a write answers 503 store_unavailable, /health reports the
+// TestSigningSurvivesPostgresOutage stops PostgreSQL under a sign loop on the contract face and
+// the key-chain face (sign and JWS): signing with a known key never fails, a write answers 503 store_unavailable, /health reports the
 // store down, and once PostgreSQL is back writes succeed without restarting kmsgate.
 func TestSigningSurvivesPostgresOutage(t *testing.T) {
 	if testing.Short() {
@@ -81,6 +81,29 @@ func TestSigningSurvivesPostgresOutage(t *testing.T) {
 		t.Fatalf("sign: %d %s", st, b)
 	}
 
+	st, cb, _ := call(t, "POST", base+"/key-chain", key, map[string]any{"usageType": "access", "type": "internalChain"})
+	if st != 201 {
+		t.Fatalf("create key chain: %d %s", st, cb)
+	}
+	var chain struct{ ID string }
+	if err := json.Unmarshal(cb, &chain); err != nil || chain.ID == "" {
+		t.Fatalf("create key chain: %s", cb)
+	}
+	// One request of each kind per worker turn: contract sign, key-chain sign, key-chain JWS.
+	reqs := []struct {
+		path string
+		body any
+	}{
+		{"/keys/known/sign", msg},
+		{"/key-chain/" + chain.ID + "/sign", msg},
+		{"/key-chain/" + chain.ID + "/jws", map[string]any{"payload": map[string]string{"a": "b"}}},
+	}
+	for _, r := range reqs {
+		if st, b, _ := call(t, "POST", base+r.path, key, r.body); st != 200 {
+			t.Fatalf("%s before the outage: %d %s", r.path, st, b)
+		}
+	}
+
 	var signs, signErrs atomic.Int64
 	var firstErr atomic.Value
 	stop := make(chan struct{})
@@ -95,11 +118,11 @@ func TestSigningSurvivesPostgresOutage(t *testing.T) {
 					return
 				default:
 				}
-				if st, b, _ := call(t, "POST", base+"/keys/known/sign", key, msg); st != 200 {
+				r := reqs[signs.Add(1)%int64(len(reqs))]
+				if st, b, _ := call(t, "POST", base+r.path, key, r.body); st != 200 {
 					signErrs.Add(1)
-					firstErr.CompareAndSwap(nil, string(b))
+					firstErr.CompareAndSwap(nil, r.path+": "+string(b))
 				}
-				signs.Add(1)
 			}
 		}()
 	}
@@ -148,7 +171,7 @@ func TestSigningSurvivesPostgresOutage(t *testing.T) {
 	if st, b, _ := call(t, "POST", base+"/keys/after/sign", key, msg); st != 200 {
 		t.Fatalf("sign with the key written after recovery: %d %s", st, b)
 	}
-	t.Logf("FIGURE postgres outage: %d signatures, 0 errors; first successful write %s after PostgreSQL was started again (without restarting kmsgate)",
+	t.Logf("FIGURE postgres outage: %d signatures (contract sign, key-chain sign and JWS), 0 errors; first successful write %s after PostgreSQL was started again (without restarting kmsgate)",
 		signs.Load(), recovered.Round(time.Millisecond))
 }
 
