@@ -126,19 +126,9 @@ func (b *Batch) CommitTx(ctx context.Context, persist func(tx *store.Txn) error)
 		return errors.New("key lifecycle has no store for a transactional commit")
 	}
 	err := b.l.st.Update(ctx, func(tx *store.Txn) error {
-		for _, k := range b.created {
-			if k.intent == nil {
-				continue
-			}
-			if err := checkIntent(tx, k.intent); err != nil {
-				return err
-			}
-			if err := b.l.confirmOwned(tx, k.ref); err != nil {
-				return err
-			}
-			if err := tx.Delete(intentKey(k.intent.Tenant, k.intent.ID)); err != nil {
-				return err
-			}
+		err := b.confirm(tx, func(in *Intent) error { return tx.Delete(intentKey(in.Tenant, in.ID)) })
+		if err != nil {
+			return err
 		}
 		return persist(tx)
 	})
@@ -161,23 +151,11 @@ func (b *Batch) Commit(persist func() error) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		err := b.l.st.Update(ctx, func(tx *store.Txn) error {
-			for _, k := range b.created {
-				if k.intent == nil {
-					continue
-				}
-				if err := checkIntent(tx, k.intent); err != nil {
-					return err
-				}
-				if err := b.l.confirmOwned(tx, k.ref); err != nil {
-					return err
-				}
-				in := *k.intent
-				in.State = IntentConfirming
-				if err := tx.Put(intentKey(in.Tenant, in.ID), &in); err != nil {
-					return err
-				}
-			}
-			return nil
+			return b.confirm(tx, func(in *Intent) error {
+				next := *in
+				next.State = IntentConfirming
+				return tx.Put(intentKey(next.Tenant, next.ID), &next)
+			})
 		})
 		if err != nil {
 			b.Rollback()
@@ -194,6 +172,26 @@ func (b *Batch) Commit(persist func() error) error {
 		}
 	}
 	b.created = nil
+	return nil
+}
+
+// confirm checks, inside tx, that no sweep has claimed the intents of the batch's keys, writes
+// each key's owned record, and hands each intent to settle (delete it, or mark it confirming).
+func (b *Batch) confirm(tx *store.Txn, settle func(in *Intent) error) error {
+	for _, k := range b.created {
+		if k.intent == nil {
+			continue
+		}
+		if err := checkIntent(tx, k.intent); err != nil {
+			return err
+		}
+		if err := b.l.confirmOwned(tx, k.ref); err != nil {
+			return err
+		}
+		if err := settle(k.intent); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
