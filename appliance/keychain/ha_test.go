@@ -16,6 +16,7 @@ import (
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/internal/errs"
 	"github.com/kmsgate/kmsgate/internal/testenv"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/db"
@@ -345,5 +346,78 @@ func TestHARotationLeaseOfDeadReplica(t *testing.T) {
 	}
 	if _, _, leases := census(t, r.st); leases != 0 {
 		t.Errorf("%d leases left after the takeover", leases)
+	}
+}
+
+// TestHAChainQuotaAcrossReplicas: three replicas that do not see each other's in-flight creates
+// (no change notifications here) still hold the tenant's chain quota exactly, because the count
+// lives in the store and changes in the chain write's own transaction. Each replica's index alone
+// would have let every replica create up to the quota.
+func TestHAChainQuotaAcrossReplicas(t *testing.T) {
+	st := openPostgresStore(t)
+	r := newReplicas(t, st, 3)
+	const quota = 5
+	for _, s := range r.svcs {
+		s.maxChains = quota
+	}
+	ctx := context.Background()
+	var created, refused atomic.Int64
+	var wg sync.WaitGroup
+	errc := make(chan error, 30)
+	for i := range 30 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := r.svcs[i%3]
+			prov, _ := s.reg.Get("db")
+			_, err := s.create(ctx, testTenant, prov, UsageAttestation, TypeStandalone, "", Policy{})
+			switch {
+			case err == nil:
+				created.Add(1)
+			case errs.CodeOf(err) == "quota_exceeded":
+				refused.Add(1)
+			default:
+				errc <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		t.Fatalf("create: %v", err)
+	}
+	chains := 0
+	if err := st.List(ctx, prefixChain+testTenant+"\x00", func(string, []byte) error { chains++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if created.Load() != quota || refused.Load() != 30-quota || chains != quota {
+		t.Fatalf("30 concurrent creates over 3 replicas with a quota of %d: %d created, %d refused, %d chain records",
+			quota, created.Load(), refused.Load(), chains)
+	}
+	sealed, intents, _ := census(t, st)
+	if sealed != quota || intents != 0 {
+		t.Fatalf("after the refused creates: %d sealed keys (want %d: refused creates roll their key back), %d intents",
+			sealed, quota, intents)
+	}
+
+	// A delete on one replica frees exactly one slot for the others.
+	var first string
+	if err := st.List(ctx, prefixChain+testTenant+"\x00", func(key string, _ []byte) error {
+		if first == "" {
+			_, first, _ = parseChainKey(key)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.svcs[1].Delete(ctx, testTenant, first); err != nil {
+		t.Fatal(err)
+	}
+	prov, _ := r.svcs[2].reg.Get("db")
+	if _, err := r.svcs[2].create(ctx, testTenant, prov, UsageAttestation, TypeStandalone, "", Policy{}); err != nil {
+		t.Fatalf("create after a delete on another replica: %v", err)
+	}
+	if _, err := r.svcs[0].create(ctx, testTenant, prov, UsageAttestation, TypeStandalone, "", Policy{}); errs.CodeOf(err) != "quota_exceeded" {
+		t.Fatalf("create beyond the quota after the refill = %v, want quota_exceeded", err)
 	}
 }

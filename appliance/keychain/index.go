@@ -7,8 +7,6 @@ import (
 	"sort"
 	"sync"
 	"time"
-
-	"github.com/kmsgate/kmsgate/internal/errs"
 )
 
 // index is the in-memory view of which chains each tenant has and of which usage type, so the
@@ -174,8 +172,7 @@ func (ix *index) reserve(ctx context.Context, s *Service, tenant string) (releas
 	}
 	defer ti.mu.Unlock()
 	if s.maxChains > 0 && len(ti.chains)+ti.pending >= s.maxChains {
-		return nil, errs.Errorf(errs.Forbidden, "tenant %q has reached its quota of %d key chains: delete one first",
-			tenant, s.maxChains).WithCode("quota_exceeded")
+		return nil, errQuota(tenant, s.maxChains)
 	}
 	ti.pending++
 	var once sync.Once

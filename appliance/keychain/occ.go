@@ -60,12 +60,13 @@ func checkBase(tx *store.Txn, c *Chain) error {
 	return nil
 }
 
-// writeChainTx writes c in tx if the record is still as c was read.
-func writeChainTx(tx *store.Txn, c *Chain) error {
+// writeChainTx writes c in tx if the record is still as c was read; isNew reports that there was
+// no record (an import under a new id), so the tenant's chain count grows.
+func writeChainTx(tx *store.Txn, c *Chain) (isNew bool, err error) {
 	if err := checkBase(tx, c); err != nil {
-		return err
+		return false, err
 	}
-	return tx.Put(chainKey(c.Tenant, c.ID), c)
+	return !c.base.loaded, tx.Put(chainKey(c.Tenant, c.ID), c)
 }
 
 // casWrite writes c if the record is still as c was read; without a transactional store it
@@ -75,7 +76,10 @@ func (s *Service) casWrite(ctx context.Context, c *Chain) error {
 	if !ok {
 		return s.st.Put(ctx, chainKey(c.Tenant, c.ID), c)
 	}
-	return ts.Update(ctx, func(tx *store.Txn) error { return writeChainTx(tx, c) })
+	return ts.Update(ctx, func(tx *store.Txn) error {
+		_, err := writeChainTx(tx, c)
+		return err
+	})
 }
 
 // casDelete deletes c's record if it is still as c was read.
@@ -84,11 +88,18 @@ func (s *Service) casDelete(ctx context.Context, c *Chain) error {
 	if !ok {
 		return s.st.Delete(ctx, chainKey(c.Tenant, c.ID))
 	}
+	base, err := s.countBase(ctx, c.Tenant)
+	if err != nil {
+		return err
+	}
 	return ts.Update(ctx, func(tx *store.Txn) error {
 		if err := checkBase(tx, c); err != nil {
 			return err
 		}
-		return tx.Delete(chainKey(c.Tenant, c.ID))
+		if err := tx.Delete(chainKey(c.Tenant, c.ID)); err != nil {
+			return err
+		}
+		return s.addChainCount(tx, c.Tenant, base, -1)
 	})
 }
 

@@ -240,11 +240,23 @@ func (s *Service) commitChain(ctx context.Context, ks *keys.Batch, c *Chain, cre
 			return s.save(ctx, c)
 		})
 	}
-	err := ks.CommitTx(ctx, func(tx *store.Txn) error {
+	base, err := s.countBase(ctx, c.Tenant)
+	if err != nil {
+		ks.Rollback()
+		return err
+	}
+	err = ks.CommitTx(ctx, func(tx *store.Txn) error {
 		if create {
-			return tx.Create(key, c)
+			if err := tx.Create(key, c); err != nil {
+				return err
+			}
+			return s.addChainCount(tx, c.Tenant, base, 1)
 		}
-		return writeChainTx(tx, c)
+		isNew, err := writeChainTx(tx, c)
+		if err != nil || !isNew {
+			return err
+		}
+		return s.addChainCount(tx, c.Tenant, base, 1)
 	})
 	if err != nil {
 		return wrapStore(c.ID, err)
