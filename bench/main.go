@@ -1,8 +1,12 @@
 // Command kmsgate-bench measures signing throughput and latency, in one run, for:
+//
 //   - the limit: raw C_SignInit+C_Sign on SoftHSM2 (one pre-opened, logged-in session per worker,
 //     cached handle) at concurrency 1, 2, 8;
+//
 //   - kmsgate over HTTP (keep-alive, POST /keys/{kid}/sign) with the pkcs11 provider at 1, 2, 8, 32;
+//
 //   - the db provider over HTTP against an in-process crypto/ecdsa loop with 2 goroutines;
+//
 //   - Vault Transit signing directly and through kmsgate's vault provider;
 //
 //   - the store backends: db signing, key and key-chain creation, start-up and RSS with 10,000
