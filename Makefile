@@ -70,6 +70,9 @@ bench: build
 	@echo "## Hot-path micro-benchmarks (allocations per signature)"
 	tools/netns-run.sh env GOPROXY=off $(GO) test -run '^$$' -bench . -benchmem ./api ./hsm
 	tools/netns-run.sh bin/kmsgate-bench -kmsgate $(BIN)
+	@echo "## Rotation of 1,000 due chains at once (4 workers per replica): 3 replicas on PostgreSQL vs 1 on Badger"
+	tools/netns-run.sh env GOPROXY=off $(GO) test -count=1 -run 'TestHARotation(ExactlyOncePostgres|Badger)$$' -v ./appliance/keychain \
+	  | tools/bench-rotation.awk
 
 deb: build
 	packaging/build-deb.sh $(BIN) $(VERSION)

@@ -1,9 +1,16 @@
 // Command kmsgate-bench measures signing throughput and latency, in one run, for:
+//
 //   - the limit: raw C_SignInit+C_Sign on SoftHSM2 (one pre-opened, logged-in session per worker,
 //     cached handle) at concurrency 1, 2, 8;
+//
 //   - kmsgate over HTTP (keep-alive, POST /keys/{kid}/sign) with the pkcs11 provider at 1, 2, 8, 32;
+//
 //   - the db provider over HTTP against an in-process crypto/ecdsa loop with 2 goroutines;
+//
 //   - Vault Transit signing directly and through kmsgate's vault provider;
+//
+//   - the store backends: db signing, key and key-chain creation, start-up and RSS with 10,000
+//     chains on Badger and on PostgreSQL (bench/store.go);
 //
 // and prints the ratios, the PKCS#11 calls per signature taken from kmsgate's own metrics, and the
 // server's peak RSS. It starts everything itself (SoftHSM2 token with 200 extra key objects, the
@@ -73,6 +80,7 @@ type opts struct {
 	extra    int
 	skipVlt  bool
 	rounds   int
+	stores   bool
 }
 
 func main() {
@@ -85,6 +93,8 @@ func main() {
 	flag.IntVar(&o.extra, "extra-keys", 100, "extra EC key pairs on the token (2 objects each)")
 	flag.BoolVar(&o.skipVlt, "no-vault", false, "skip the Vault comparison")
 	flag.IntVar(&o.rounds, "rounds", 3, "interleaved rounds; the best round of each step is reported")
+	flag.BoolVar(&o.stores, "stores", true, "also measure the store backends (Badger vs PostgreSQL)")
+	onlyStores := flag.Bool("only-stores", false, "measure only the store backends")
 	minimal := flag.String("serve-minimal", "", "internal: serve the minimal reference server (db or pkcs11) on -addr")
 	addr := flag.String("addr", "", "internal: address for -serve-minimal")
 	flag.Parse()
@@ -95,9 +105,17 @@ func main() {
 		}
 		return
 	}
-	if err := run(o); err != nil {
-		fmt.Fprintln(os.Stderr, "bench:", err)
-		os.Exit(1)
+	if !*onlyStores {
+		if err := run(o); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+	}
+	if o.stores || *onlyStores {
+		if err := storeRows(o); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
 	}
 }
 
