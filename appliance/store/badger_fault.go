@@ -8,6 +8,7 @@ import (
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
+	"github.com/jackc/pgx/v5"
 	"golang.org/x/sys/unix"
 )
 
@@ -112,10 +113,24 @@ func (b *badgerBackend) probe(context.Context) error {
 	return b.guard.check()
 }
 
-// probe is one round trip to PostgreSQL.
-func (b *pgBackend) probe(ctx context.Context) error { return b.pool.Ping(ctx) }
+// pgSpaceProbe is a sort too big for its work_mem (set to the 64 kB minimum around it), so
+// PostgreSQL writes it to a temporary file of about 70 kB on the database's disk: a full disk
+// fails it with 53100, as it fails writes, while a ping still succeeds. It writes no WAL and no
+// catalog row, and the file is gone when the statement ends.
+const pgSpaceProbe = `SELECT count(*) FROM (SELECT g FROM generate_series(1, 5000) g ORDER BY g DESC OFFSET 0) s`
 
-// Check probes the store: PostgreSQL answers a ping, the Badger directory can take writes. A
+// probe checks that PostgreSQL answers and has disk space for a small temporary file.
+func (b *pgBackend) probe(ctx context.Context) error {
+	return pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL work_mem = '64kB'"); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, pgSpaceProbe)
+		return err
+	})
+}
+
+// Check probes the store: PostgreSQL answers and can write a temporary file, the Badger directory can take writes. A
 // failure is classified like any store error (store_unavailable for an I/O fault).
 func (s *Store) Check(ctx context.Context) error {
 	err := s.b.probe(ctx)

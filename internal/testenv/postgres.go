@@ -35,7 +35,8 @@ const postgresPort = 5432
 // only on a Unix socket in that directory (no TCP port, so parallel test binaries never collide).
 type Postgres struct {
 	BinDir    string
-	Dir       string // cluster root: data/, the socket and the server log
+	Dir       string // cluster root: the socket, the server log and (by default) data/
+	DataDir   string // the data directory: Dir/data unless WithDataDir gave another
 	SocketDir string
 
 	mu      sync.Mutex
@@ -64,12 +65,25 @@ func majorOf(binDir string) int {
 	return n
 }
 
+// PostgresOption changes how StartPostgres sets up the cluster.
+type PostgresOption func(*Postgres)
+
+// WithDataDir puts the data directory at dir (which must not exist yet, or be empty) instead of
+// under the cluster root, e.g. on a small file system a test fills up. The socket and the server
+// log stay in the cluster root, so the log keeps what the server says about the full disk. The
+// caller owns dir's parent: it is not removed, and when the tests run as root it must be
+// writable by PostgresUser.
+func WithDataDir(dir string) PostgresOption { return func(p *Postgres) { p.DataDir = dir } }
+
 // StartPostgres initialises a fresh cluster and starts it; the server is stopped and its
 // directory removed when the test ends. Use NewDatabase for a database of one's own.
-func StartPostgres(t testing.TB) *Postgres {
+func StartPostgres(t testing.TB, opts ...PostgresOption) *Postgres {
 	t.Helper()
 	NeedsBackend(t, "postgres")
 	p := &Postgres{BinDir: PostgresBinDir(t)}
+	for _, o := range opts {
+		o(p)
+	}
 	// Not t.TempDir: its parents are private to root, and the server may run as another user.
 	// A short path also keeps the socket path under the 107-byte limit.
 	dir, err := os.MkdirTemp("", "kmsgate-pg-")
@@ -77,6 +91,9 @@ func StartPostgres(t testing.TB) *Postgres {
 		t.Fatal(err)
 	}
 	p.Dir, p.SocketDir = dir, dir
+	if p.DataDir == "" {
+		p.DataDir = filepath.Join(dir, "data")
+	}
 	t.Cleanup(func() {
 		p.Stop(t)
 		_ = os.RemoveAll(dir)
@@ -90,7 +107,7 @@ func StartPostgres(t testing.TB) *Postgres {
 	if err := os.Chmod(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	data := filepath.Join(dir, "data")
+	data := p.DataDir
 	p.run(t, "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")
 	hba := fmt.Sprintf("local all %s scram-sha-256\nlocal all all trust\n", PostgresPasswordRole)
 	if err := os.WriteFile(filepath.Join(data, "pg_hba.conf"), []byte(hba), 0o600); err != nil {
@@ -152,7 +169,7 @@ func (p *Postgres) Start(t testing.TB) {
 		t.Fatal("testenv: postgres already running")
 	}
 	opts := fmt.Sprintf("-F -p %d -k %s -c listen_addresses='' -c max_connections=100 -c shared_buffers=16MB", postgresPort, p.SocketDir)
-	p.run(t, "pg_ctl", "start", "-w", "-t", "60", "-D", filepath.Join(p.Dir, "data"), "-l", filepath.Join(p.Dir, "server.log"), "-o", opts)
+	p.run(t, "pg_ctl", "start", "-w", "-t", "60", "-D", p.DataDir, "-l", filepath.Join(p.Dir, "server.log"), "-o", opts)
 	p.running = true
 }
 
@@ -164,7 +181,7 @@ func (p *Postgres) Stop(t testing.TB) {
 	if !p.running {
 		return
 	}
-	p.run(t, "pg_ctl", "stop", "-w", "-m", "immediate", "-D", filepath.Join(p.Dir, "data"))
+	p.run(t, "pg_ctl", "stop", "-w", "-m", "immediate", "-D", p.DataDir)
 	p.running = false
 }
 
