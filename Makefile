@@ -61,6 +61,8 @@ unit:
 	$(GO) mod download
 	$(GO) test -race -count=1 -run '^$$' $(PKGS) >/dev/null
 	tools/netns-run.sh env GOPROXY=off GOFLAGS=-mod=mod $(GO) test -race -count=1 -timeout 20m $(PKGS)
+	@echo "## The HTTP contract suite once more, every appliance on PostgreSQL"
+	tools/netns-run.sh env GOPROXY=off GOFLAGS=-mod=mod KMSGATE_TEST_STORE=postgres $(GO) test -race -count=1 -timeout 10m ./api
 
 test: test-deps lint unit
 

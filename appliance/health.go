@@ -151,9 +151,12 @@ func (h *healthMonitor) Store() api.StoreHealth {
 // within seconds.
 const StoreProbeInterval = 2 * time.Second
 
-// watchStore adds the record store to the background probes.
+// watchStore adds the record store to the background probes. The first probe runs here, before
+// the listener opens: the store has just been opened, and a /health answered in the first moments
+// must not report a healthy replica as down for want of a result.
 func (h *healthMonitor) watchStore(st storeProber, backend string) {
 	h.store = &storeHealth{st: st, backend: backend, timeout: h.timeout, log: h.log}
+	h.store.probe()
 }
 
 // runStore probes the store every interval until ctx ends.

@@ -35,6 +35,13 @@ import (
 // on SoftHSM2, …) re-run it with their kms.json and provider id.
 func TestChainSuiteDB(t *testing.T) { RunChainSuite(t, "", "db") }
 
+// TestChainSuiteDBOnPostgres runs the same suite with every record in PostgreSQL.
+func TestChainSuiteDBOnPostgres(t *testing.T) {
+	testenv.NeedsBackend(t, "postgres")
+	dsn := testenv.StartPostgres(t).NewDatabase(t)
+	RunChainSuite(t, "", "db", func(o *appliance.Options) { o.Store = dsn })
+}
+
 // offsetClock is real time plus a movable offset, so the scheduler (real ticker) sees moved time.
 type offsetClock struct{ off atomic.Int64 }
 
@@ -142,11 +149,14 @@ type chainResp struct {
 }
 
 // RunChainSuite drives the /key-chain API end to end against one provider.
-func RunChainSuite(t *testing.T, kmsJSON, providerID string) {
+func RunChainSuite(t *testing.T, kmsJSON, providerID string, tweaks ...func(*appliance.Options)) {
 	clock := &offsetClock{}
 	in := apptest.Start(t, apptest.Options{KMSJSON: kmsJSON, Tweak: func(o *appliance.Options) {
 		o.RotationCheckInterval = 50 * time.Millisecond
 		o.RotationGrace = time.Hour
+		for _, tw := range tweaks {
+			tw(o)
+		}
 	}})
 	in.App.KeyChains().SetClock(clock.now)
 	ctx := context.Background()

@@ -18,6 +18,7 @@ import (
 
 	"github.com/kmsgate/kmsgate/appliance"
 	"github.com/kmsgate/kmsgate/appliance/tenants"
+	"github.com/kmsgate/kmsgate/internal/testenv"
 )
 
 // MasterKey is the fixed test master key (base64 of 32 bytes).
@@ -42,6 +43,26 @@ type Instance struct {
 	t         testing.TB
 	cancel    context.CancelFunc
 	done      chan error
+}
+
+// StoreEnv names the variable that moves every appliance Start makes onto PostgreSQL
+// (KMSGATE_TEST_STORE=postgres): `make test` runs the HTTP contract suite once more that way.
+const StoreEnv = "KMSGATE_TEST_STORE"
+
+// postgresFor returns the database of the appliance whose data dir is dataDir: a fresh one on a
+// PostgreSQL server started for this test, remembered in the data dir so that a restart on the
+// same data dir finds its records again.
+func postgresFor(t testing.TB, dataDir string) string {
+	t.Helper()
+	f := filepath.Join(dataDir, "test-store-dsn")
+	if b, err := os.ReadFile(f); err == nil {
+		return string(b)
+	}
+	dsn := testenv.PostgresDSN(t)
+	if err := os.WriteFile(f, []byte(dsn), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return dsn
 }
 
 // Start opens and serves an appliance; it is stopped at test cleanup.
@@ -72,6 +93,9 @@ func Start(t testing.TB, o Options) *Instance {
 		MasterKeyEnv: MasterKey, AdminSocket: filepath.Join(o.DataDir, "admin.sock"), Version: "test",
 		Logger: slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		Lookup: lookup, PublicURL: "https://issuer.example.test", CertCountry: "DE", ShutdownGrace: 15 * time.Second}
+	if os.Getenv(StoreEnv) == "postgres" {
+		opts.Store = postgresFor(t, o.DataDir)
+	}
 	if o.Tweak != nil {
 		o.Tweak(&opts)
 	}
