@@ -116,3 +116,8 @@ func TestNoIssuers(t *testing.T) {
 		t.Fatalf("got %v, want ErrUnauthenticated", err)
 	}
 }
+
+// The API's token seam (api.Deps.Tokens) takes this shape; the verifier must keep fitting it.
+var _ interface {
+	VerifyToken(ctx context.Context, raw string) (*tenants.Principal, error)
+} = (*extauth.Verifier)(nil)
