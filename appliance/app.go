@@ -24,6 +24,7 @@ import (
 
 	"github.com/kmsgate/kmsgate/api"
 	"github.com/kmsgate/kmsgate/appliance/config"
+	"github.com/kmsgate/kmsgate/appliance/extauth"
 	"github.com/kmsgate/kmsgate/appliance/keychain"
 	"github.com/kmsgate/kmsgate/appliance/keys"
 	"github.com/kmsgate/kmsgate/appliance/seal"
@@ -114,6 +115,8 @@ type Appliance struct {
 	admin    *fiber.App
 
 	keyChains    *keychain.Service
+	extIssuers   []extauth.Issuer  // from auth.json
+	extTokens    *extauth.Verifier // external issuers' bearer tokens
 	intentsSwept *prometheus.CounterVec
 	dbProvs      []*db.Provider // to evict sealed keys deleted through another replica
 
@@ -161,6 +164,9 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 		return nil, err
 	}
 	a.kms = kms
+	if err := a.loadExternalIssuers(); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
 	}
@@ -194,6 +200,10 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	}
 	a.registerProviderMetrics()
 	if a.tenants, err = tenants.New(ctx, a.store, tenants.WithProviders(func() ([]string, error) { return a.registry.IDs(), nil })); err != nil {
+		a.Close()
+		return nil, err
+	}
+	if err := a.setupExternalTokens(ctx); err != nil {
 		a.Close()
 		return nil, err
 	}
