@@ -290,6 +290,10 @@ func (o Options) tlsConfig(pinned func(*x509.Certificate) bool) (*tls.Config, er
 		tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
 		tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
 		tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256}}
+	// The pool stays out of tls.Config.ClientCAs: the server would then name its CAs in the
+	// certificate request, and a Go client (kmsgate's own http provider among them) sends no
+	// certificate that another CA issued, so a pinned self-signed certificate would never arrive.
+	var clientCAs *x509.CertPool
 	if o.TLSClientCA != "" {
 		pem, err := os.ReadFile(o.TLSClientCA)
 		if err != nil {
@@ -299,7 +303,7 @@ func (o Options) tlsConfig(pinned func(*x509.Certificate) bool) (*tls.Config, er
 		if !pool.AppendCertsFromPEM(pem) {
 			return nil, fmt.Errorf("TLS client CA %s holds no PEM certificate", o.TLSClientCA)
 		}
-		cfg.ClientCAs = pool
+		clientCAs = pool
 	}
 	// Go's own chain verification would reject a pinned self-signed certificate, so the
 	// handshake only asks for a certificate (and checks the client holds its key); whether it
@@ -308,7 +312,7 @@ func (o Options) tlsConfig(pinned func(*x509.Certificate) bool) (*tls.Config, er
 	if o.TLSRequireClientCert {
 		cfg.ClientAuth = tls.RequireAnyClientCert
 		cfg.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
-			return verifyClientCert(raw, cfg.ClientCAs, pinned)
+			return verifyClientCert(raw, clientCAs, pinned)
 		}
 	}
 	return cfg, nil
