@@ -73,6 +73,8 @@ type Options struct {
 	// TLSRequireClientCert refuses, in the handshake, a client whose certificate is neither bound
 	// to a tenant nor issued by TLSClientCA, and one that sends none.
 	TLSRequireClientCert bool
+	// Tokens verifies bearer tokens that are not kmsgate API keys (access tokens); nil refuses them.
+	Tokens api.TokenVerifier
 	// MaxConns and MaxConnsPerIP cap concurrent connections on the listener, in total and per
 	// client IP (0: DefaultMaxConns / DefaultMaxConnsPerIP; negative: no cap).
 	MaxConns      int
@@ -213,7 +215,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	a.health.watchStore(a.store, o.storeOptions().Backend())
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
-		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits()}
+		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits(), Tokens: o.Tokens}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err
