@@ -132,10 +132,12 @@ func (e *eudiploClient) lifecycle(t *testing.T, kid string) {
 	e.signVerify(t, kid, pub)
 
 	priv, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	b := func(n *big.Int) string { return base64.RawURLEncoding.EncodeToString(n.FillBytes(make([]byte, 32))) }
+	d, _ := priv.Bytes()
+	pt, _ := priv.PublicKey.Bytes() // 0x04 || X || Y
+	b := func(v []byte) string { return base64.RawURLEncoding.EncodeToString(v) }
 	ikid := kid + "-imported"
 	st, body = e.do(t, "POST", "/keys/"+encodeURIComponent(ikid)+"/import", map[string]any{"alg": "ES256",
-		"privateJwk": map[string]string{"kty": "EC", "crv": "P-256", "x": b(priv.X), "y": b(priv.Y), "d": b(priv.D),
+		"privateJwk": map[string]string{"kty": "EC", "crv": "P-256", "x": b(pt[1:33]), "y": b(pt[33:]), "d": b(d),
 			"kid": ikid, "alg": "ES256"}})
 	if st != 200 {
 		t.Fatalf("import %s: %d %s", ikid, st, body)
