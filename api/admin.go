@@ -14,6 +14,7 @@ func (s *Server) mountAdmin(r fiber.Router) {
 	r.Post("/tenants", s.adminCreateTenant)
 	r.Get("/tenants", s.adminListTenants)
 	r.Post("/tenants/:id/keys", s.adminAddKey)
+	r.Post("/tenants/:id/certs", s.adminAddCert)
 	// The tenants route keeps taking either kind of id (the CLI's plain `tenant revoke ID`), and
 	// refuses an id that names both; ?target=tenant and the credentials route say which is meant.
 	r.Post("/tenants/:id/revoke", func(c *fiber.Ctx) error {
@@ -87,6 +88,30 @@ func (s *Server) adminAddKey(c *fiber.Ctx) error {
 		return problem(fiber.StatusBadRequest, "invalid_roles", err.Error())
 	}
 	res, err := s.Tenants.AddKey(c.UserContext(), strings.Clone(c.Params("id")), req.Roles, req.Name)
+	if err != nil {
+		return err
+	}
+	return c.Status(fiber.StatusCreated).JSON(res)
+}
+
+type addCertRequest struct {
+	Certificate string   `json:"certificate"` // PEM
+	Roles       []string `json:"roles"`
+	Name        string   `json:"name"`
+}
+
+func (s *Server) adminAddCert(c *fiber.Ctx) error {
+	var req addCertRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	if req.Certificate == "" {
+		return problem(fiber.StatusBadRequest, "missing_field", `field "certificate" (PEM) is required`)
+	}
+	if err := tenants.ValidateRoles(req.Roles); err != nil {
+		return problem(fiber.StatusBadRequest, "invalid_roles", err.Error())
+	}
+	res, err := s.Tenants.AddCert(c.UserContext(), strings.Clone(c.Params("id")), []byte(req.Certificate), req.Roles, req.Name)
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package api
 import (
 	"encoding/base64"
 	"net/url"
+	"slices"
 	"strings"
 
 	"github.com/gofiber/fiber/v2"
@@ -322,11 +323,15 @@ type healthResponse struct {
 	Extensions []string         `json:"extensions"`
 }
 
-// health answers 200 while the caller's providers are healthy and 503 otherwise. An anonymous
-// caller gets the appliance-wide answer without provider details.
+// health answers 200 while the caller's providers are healthy and 503 otherwise. A caller with a
+// credential is judged by the provider its requests use by default (the credential's default, else
+// the tenant's, else the gateway's): the other providers it may use are listed but do not turn the
+// answer red, since a client such as EUDIPLO takes a 503 to mean it cannot sign at all. An
+// anonymous caller gets the appliance-wide answer without provider details.
 func (s *Server) health(c *fiber.Ctx) error {
 	p := principal(c)
 	var ids []string
+	deciding := "" // "": every listed provider decides
 	if p != nil && p.TenantID != "" {
 		t, err := s.Tenants.Tenant(c.UserContext(), p.TenantID)
 		switch {
@@ -338,6 +343,10 @@ func (s *Server) health(c *fiber.Ctx) error {
 			return err
 		default:
 			ids = t.AllowedProviders
+			deciding = firstNonEmpty(p.DefaultProvider, t.DefaultProvider, s.Registry.DefaultID())
+			if len(ids) > 0 && !slices.Contains(ids, deciding) {
+				ids = append(slices.Clone(ids), deciding)
+			}
 		}
 	}
 	var reports []ProviderHealth
@@ -349,7 +358,9 @@ func (s *Server) health(c *fiber.Ctx) error {
 	st := s.Health.Store()
 	ok := st.OK
 	for _, r := range reports {
-		ok = ok && r.OK
+		if deciding == "" || r.ProviderID == deciding {
+			ok = ok && r.OK
+		}
 	}
 	resp := healthResponse{OK: ok, Store: st, Extensions: []string{"digest"}}
 	if p != nil {
@@ -359,4 +370,13 @@ func (s *Server) health(c *fiber.Ctx) error {
 		c.Status(fiber.StatusServiceUnavailable)
 	}
 	return c.JSON(resp)
+}
+
+func firstNonEmpty(v ...string) string {
+	for _, s := range v {
+		if s != "" {
+			return s
+		}
+	}
+	return ""
 }

@@ -75,9 +75,18 @@ type TenantCreated struct {
 	Bootstrap *keychain.BootstrapReport `json:"bootstrap,omitempty"`
 }
 
+// TokenVerifier verifies a bearer token that is not a kmsgate API key (an access token kmsgate or a
+// trusted external issuer signed) and returns its principal. It must refuse a token whose
+// credential or client has been revoked.
+type TokenVerifier interface {
+	VerifyToken(ctx context.Context, raw string) (*tenants.Principal, error)
+}
+
 // Deps are the services the API calls.
 type Deps struct {
-	Tenants      *tenants.Service
+	Tenants *tenants.Service
+	// Tokens verifies bearer tokens; nil refuses every bearer value that is not an API key.
+	Tokens       TokenVerifier
 	Keys         *keys.Service
 	Registry     *providers.Registry
 	Health       HealthChecker
@@ -203,37 +212,93 @@ func (s *Server) observe(c *fiber.Ctx) error {
 	return err
 }
 
-// apiKeyFrom reads "Authorization: Bearer <key>" or "x-api-key: <key>".
-func apiKeyFrom(c *fiber.Ctx) string {
+// apiKeyFrom reads "Authorization: Bearer <key>" or "x-api-key: <key>". bearer says which: only a
+// bearer value may be a token. The value points into the request buffer.
+func apiKeyFrom(c *fiber.Ctx) (key string, bearer bool) {
 	if h := c.Get(fiber.HeaderAuthorization); h != "" {
 		if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
-			return strings.TrimSpace(h[7:])
+			return strings.TrimSpace(h[7:]), true
 		}
-		return ""
+		return "", false
 	}
-	return c.Get("X-Api-Key")
+	return c.Get("X-Api-Key"), false
 }
 
-func (s *Server) auth(c *fiber.Ctx) error {
-	key := apiKeyFrom(c)
-	if key == "" {
-		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="kmsgate"`)
-		return problem(fiber.StatusUnauthorized, "unauthorized", "missing API key: send Authorization: Bearer <key> or x-api-key")
+// peerPin returns the SHA-256 pin of the client certificate the TLS connection presented. Plain
+// connections and TLS ones without a certificate cost nothing beyond the check.
+func peerPin(c *fiber.Ctx) (pin [32]byte, ok bool) {
+	if !c.Context().IsTLS() {
+		return pin, false
 	}
-	p, err := s.Tenants.Authenticate(key)
-	if err != nil {
-		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="kmsgate", error="invalid_token"`)
-		return problem(fiber.StatusUnauthorized, "unauthorized", "invalid or revoked API key")
+	cs := c.Context().TLSConnectionState()
+	if cs == nil || len(cs.PeerCertificates) == 0 {
+		return pin, false
+	}
+	return tenants.SPKIPin(cs.PeerCertificates[0]), true
+}
+
+func unauthorized(c *fiber.Ctx, msg string) error {
+	c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="kmsgate", error="invalid_token"`)
+	return problem(fiber.StatusUnauthorized, "unauthorized", msg)
+}
+
+// auth authenticates the caller by whichever credentials it sent: an API key, a bearer token, a
+// client certificate bound to a tenant, or a certificate together with a key or token. Every
+// credential yields the same principal, so every route checks roles the same way.
+func (s *Server) auth(c *fiber.Ctx) error {
+	key, bearer := apiKeyFrom(c)
+	pin, hasCert := peerPin(c)
+	var certP *tenants.Principal
+	if hasCert {
+		certP = s.Tenants.AuthenticateCert(pin[:])
+	}
+	if key == "" {
+		switch {
+		case certP != nil:
+			c.Locals(localPrincipal, certP)
+			return c.Next()
+		case hasCert:
+			return unauthorized(c, "client certificate is not bound to a tenant (kmsgate tenant add-cert) and no API key was sent")
+		case c.Get(fiber.HeaderAuthorization) != "":
+			return unauthorized(c, "unsupported Authorization scheme: send Authorization: Bearer <key or token>")
+		}
+		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="kmsgate"`)
+		return problem(fiber.StatusUnauthorized, "unauthorized",
+			"missing credentials: send Authorization: Bearer <API key or token>, x-api-key, or a bound client certificate")
+	}
+	var p *tenants.Principal
+	if bearer && !tenants.IsAPIKey(key) {
+		if s.Tokens == nil {
+			return unauthorized(c, "invalid API key or token")
+		}
+		tp, err := s.Tokens.VerifyToken(c.UserContext(), strings.Clone(key))
+		if err != nil || tp == nil {
+			return unauthorized(c, "invalid, expired or revoked token")
+		}
+		p = tp
+	} else {
+		kp, err := s.Tenants.Authenticate(key)
+		if err != nil {
+			return unauthorized(c, "invalid or revoked API key")
+		}
+		p = kp
+	}
+	// A bound certificate and a key of another tenant: one of them is not the caller's, so
+	// neither is trusted. The key's roles apply when both name the same tenant.
+	if certP != nil && certP.TenantID != p.TenantID {
+		return unauthorized(c, "the client certificate and the API key or token belong to different tenants")
 	}
 	c.Locals(localPrincipal, p)
 	return c.Next()
 }
 
-// optionalAuth authenticates when a key is sent (a wrong key is still a 401) and lets anonymous
-// callers through, for /health.
+// optionalAuth authenticates when a credential is sent (a wrong one is still a 401) and lets
+// anonymous callers through, for /health.
 func (s *Server) optionalAuth(c *fiber.Ctx) error {
-	if apiKeyFrom(c) == "" && c.Get(fiber.HeaderAuthorization) == "" {
-		return c.Next()
+	if key, _ := apiKeyFrom(c); key == "" && c.Get(fiber.HeaderAuthorization) == "" {
+		if _, hasCert := peerPin(c); !hasCert {
+			return c.Next()
+		}
 	}
 	return s.auth(c)
 }
@@ -258,6 +323,6 @@ func (s *Server) requireAnyRole(roles ...string) fiber.Handler {
 				return c.Next()
 			}
 		}
-		return problem(fiber.StatusForbidden, "forbidden", "this API key lacks the "+strings.Join(roles, " or ")+" role")
+		return problem(fiber.StatusForbidden, "forbidden", "this credential lacks the "+strings.Join(roles, " or ")+" role")
 	}
 }

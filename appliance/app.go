@@ -64,11 +64,18 @@ type Options struct {
 	Out           io.Writer // where dev-mode banners go
 	Lookup        config.LookupFunc
 	ShutdownGrace time.Duration
-	// TLSCert and TLSKey enable HTTPS on the listener; TLSClientCA additionally requires client
-	// certificates signed by that CA (mTLS). API keys are still checked on top.
+	// TLSCert and TLSKey enable HTTPS on the listener. The listener then asks every client for a
+	// certificate without requiring one: a certificate bound to a tenant (tenant add-cert)
+	// authenticates, and a client without one sends an API key or token instead. TLSClientCA
+	// names the CA whose certificates are accepted as "verified but unbound" in require-mode.
 	TLSCert     string
 	TLSKey      string
 	TLSClientCA string
+	// TLSRequireClientCert refuses, in the handshake, a client whose certificate is neither bound
+	// to a tenant nor issued by TLSClientCA, and one that sends none.
+	TLSRequireClientCert bool
+	// Tokens verifies bearer tokens that are not kmsgate API keys (access tokens); nil refuses them.
+	Tokens api.TokenVerifier
 	// MaxConns and MaxConnsPerIP cap concurrent connections on the listener, in total and per
 	// client IP (0: DefaultMaxConns / DefaultMaxConnsPerIP; negative: no cap).
 	MaxConns      int
@@ -218,7 +225,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	a.health.watchStore(a.store, o.storeOptions().Backend())
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
-		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits()}
+		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits(), Tokens: o.Tokens}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err
@@ -277,10 +284,11 @@ func (a *Appliance) Run(ctx context.Context) error {
 }
 
 // tlsConfig builds the listener's TLS configuration, or nil for plain HTTP.
-func (o Options) tlsConfig() (*tls.Config, error) {
+// pinned reports whether a client certificate's public key is bound to a tenant.
+func (o Options) tlsConfig(pinned func(*x509.Certificate) bool) (*tls.Config, error) {
 	if o.TLSCert == "" && o.TLSKey == "" {
-		if o.TLSClientCA != "" {
-			return nil, errors.New("--tls-client-ca needs --tls-cert and --tls-key")
+		if o.TLSClientCA != "" || o.TLSRequireClientCert {
+			return nil, errors.New("--tls-client-ca and --tls-require-client-cert need --tls-cert and --tls-key")
 		}
 		return nil, nil
 	}
@@ -294,6 +302,10 @@ func (o Options) tlsConfig() (*tls.Config, error) {
 		tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
 		tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
 		tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256}}
+	// The pool stays out of tls.Config.ClientCAs: the server would then name its CAs in the
+	// certificate request, and a Go client (kmsgate's own http provider among them) sends no
+	// certificate that another CA issued, so a pinned self-signed certificate would never arrive.
+	var clientCAs *x509.CertPool
 	if o.TLSClientCA != "" {
 		pem, err := os.ReadFile(o.TLSClientCA)
 		if err != nil {
@@ -303,16 +315,58 @@ func (o Options) tlsConfig() (*tls.Config, error) {
 		if !pool.AppendCertsFromPEM(pem) {
 			return nil, fmt.Errorf("TLS client CA %s holds no PEM certificate", o.TLSClientCA)
 		}
-		cfg.ClientCAs = pool
-		cfg.ClientAuth = tls.RequireAndVerifyClientCert
+		clientCAs = pool
+	}
+	// Go's own chain verification would reject a pinned self-signed certificate, so the
+	// handshake only asks for a certificate (and checks the client holds its key); whether it
+	// authenticates is decided per request by its pin, which sees revocations at once.
+	cfg.ClientAuth = tls.RequestClientCert
+	if o.TLSRequireClientCert {
+		cfg.ClientAuth = tls.RequireAnyClientCert
+		cfg.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
+			return verifyClientCert(raw, clientCAs, pinned)
+		}
 	}
 	return cfg, nil
+}
+
+// verifyClientCert accepts, in require-mode, a client certificate bound to a tenant, or one that
+// chains to the client CA pool (verified but unbound: the request must still carry a key or token).
+func verifyClientCert(raw [][]byte, roots *x509.CertPool, pinned func(*x509.Certificate) bool) error {
+	if len(raw) == 0 {
+		return errors.New("client certificate required")
+	}
+	leaf, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return fmt.Errorf("client certificate: %w", err)
+	}
+	if pinned != nil && pinned(leaf) {
+		return nil
+	}
+	if roots == nil {
+		return errors.New("client certificate is not bound to a tenant")
+	}
+	inter := x509.NewCertPool()
+	for _, r := range raw[1:] {
+		if c, err := x509.ParseCertificate(r); err == nil {
+			inter.AddCert(c)
+		}
+	}
+	_, err = leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+	if err != nil {
+		return fmt.Errorf("client certificate is neither bound to a tenant nor issued by the client CA: %w", err)
+	}
+	return nil
 }
 
 // Serve serves on ln until ctx is cancelled. Every listener it was handed or opened is closed
 // when it returns, also when start-up fails half-way, so a failed start never keeps the port.
 func (a *Appliance) Serve(ctx context.Context, ln net.Listener) error {
-	tcfg, err := a.opts.tlsConfig()
+	tcfg, err := a.opts.tlsConfig(func(c *x509.Certificate) bool {
+		pin := tenants.SPKIPin(c)
+		return a.tenants.AuthenticateCert(pin[:]) != nil
+	})
 	if err != nil {
 		ln.Close()
 		return err

@@ -29,7 +29,8 @@ import (
 
 // TestChainedGateways puts kmsgate A's http provider in front of kmsgate B's remote-KMS contract
 // face, B keeping its keys in SoftHSM2: an internal-CA key chain on A is then backed by HSM keys
-// behind B. Run once over plain HTTP and once over mTLS.
+// behind B. Run once over plain HTTP with an API key, and once in EUDIPLO's mtls mode: A presents a
+// self-signed client certificate that B has bound to tenant gateway-a, and no API key at all.
 func TestChainedGateways(t *testing.T) {
 	for _, mtls := range []bool{false, true} {
 		name := "http"
@@ -54,15 +55,14 @@ func chainedGateways(t *testing.T, mtls bool) {
 		`{"defaultProvider":"hsm","providers":[{"id":"hsm","type":"pkcs11","library":%q,"slot":%q,"pin":"${B_PIN}"}]}`,
 		hsm.Library, hsm.Tokens[0].Label), Env: map[string]string{"B_PIN": hsm.Tokens[0].PIN}})
 	bKey := b.CreateTenant("gateway-a")
+	remote := fmt.Sprintf(`{"id":"remote","type":"http","baseUrl":%q,"apiKey":"${REMOTE_KEY}"}`, b.URL)
 	if mtls {
 		b.URL = strings.Replace(b.URL, "http://", "https://", 1)
 		b.Client = pki.client(t)
-	}
-
-	remote := fmt.Sprintf(`{"id":"remote","type":"http","baseUrl":%q,"apiKey":"${REMOTE_KEY}"}`, b.URL)
-	if mtls {
-		remote = fmt.Sprintf(`{"id":"remote","type":"http","baseUrl":%q,"apiKey":"${REMOTE_KEY}",`+
-			`"auth":{"type":"mtls","certFile":%q,"keyFile":%q,"caFile":%q}}`, b.URL, pki.clientCert, pki.clientKey, pki.caFile)
+		aCert, aKey, _ := selfSigned(t, "gateway-a")
+		bindCert(t, b, "gateway-a", aCert)
+		remote = fmt.Sprintf(`{"id":"remote","type":"http","baseUrl":%q,`+
+			`"auth":{"type":"mtls","certFile":%q,"keyFile":%q,"caFile":%q}}`, b.URL, aCert, aKey, pki.caFile)
 	}
 	a := apptest.Start(t, apptest.Options{KMSJSON: `{"defaultProvider":"db","providers":[` + remote + `]}`,
 		Env: map[string]string{"REMOTE_KEY": bKey}})

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -180,7 +181,9 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.DurationVar(&o.RotationGrace, "rotation-grace", 30*24*time.Hour, "how long a rotated-out key stays published and usable before it is deleted")
 	f.StringVar(&o.TLSCert, "tls-cert", os.Getenv("KMSGATE_TLS_CERT"), "PEM certificate for HTTPS (env KMSGATE_TLS_CERT)")
 	f.StringVar(&o.TLSKey, "tls-key", os.Getenv("KMSGATE_TLS_KEY"), "PEM private key for HTTPS (env KMSGATE_TLS_KEY)")
-	f.StringVar(&o.TLSClientCA, "tls-client-ca", os.Getenv("KMSGATE_TLS_CLIENT_CA"), "require client certificates signed by this PEM CA (mTLS; env KMSGATE_TLS_CLIENT_CA)")
+	f.StringVar(&o.TLSClientCA, "tls-client-ca", os.Getenv("KMSGATE_TLS_CLIENT_CA"), "PEM CA whose client certificates --tls-require-client-cert admits without a binding (env KMSGATE_TLS_CLIENT_CA)")
+	f.BoolVar(&o.TLSRequireClientCert, "tls-require-client-cert", envBool("KMSGATE_TLS_REQUIRE_CLIENT_CERT"),
+		"refuse TLS clients without a certificate that is bound (tenant add-cert) or issued by --tls-client-ca (env KMSGATE_TLS_REQUIRE_CLIENT_CERT)")
 	f.DurationVar(&o.ShutdownGrace, "shutdown-grace", 30*time.Second, "how long SIGTERM waits for in-flight requests")
 	f.StringVar(&o.MetricsListen, "metrics-listen", os.Getenv("KMSGATE_METRICS_LISTEN"),
 		"serve /metrics only on this address (e.g. 127.0.0.1:9090) instead of the main listener (env KMSGATE_METRICS_LISTEN)")
@@ -382,7 +385,7 @@ func newTenantCmd(g *globalFlags) *cobra.Command {
 
 	var revokeTenant, revokeCred bool
 	revoke := &cobra.Command{Use: "revoke TENANT|CREDENTIAL_ID",
-		Short: "Revoke all API keys of a tenant, or one key by its credential id (--tenant/--credential say which when an id is both)",
+		Short: "Revoke all credentials (API keys, certificate bindings) of a tenant, or one by its credential id (--tenant/--credential say which when an id is both)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if revokeTenant && revokeCred {
@@ -438,7 +441,48 @@ func newTenantCmd(g *globalFlags) *cobra.Command {
 			return printJSON(cmd.OutOrStdout(), res)
 		}}
 	addKey.Flags().StringVar(&keyRoles, "roles", "", "comma-separated roles (default manage,sign)")
-	c.AddCommand(create, list, revoke, addKey)
+	var certFile, certRoles, certName string
+	addCert := &cobra.Command{Use: "add-cert TENANT --cert FILE",
+		Short: "Bind a client certificate (by its public key's SHA-256 pin) to a tenant; it then authenticates over TLS without an API key",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			data, err := os.ReadFile(certFile)
+			if err != nil {
+				return fmt.Errorf("read certificate: %w", err)
+			}
+			// Parse here too, so a wrong file fails before anything is contacted, and the PEM
+			// sent to the server is the certificate whatever form the file had.
+			cert, err := tenants.ParseCertificate(data)
+			if err != nil {
+				return err
+			}
+			var rs []string
+			if certRoles != "" {
+				rs = strings.Split(certRoles, ",")
+			}
+			var res tenants.CertBinding
+			if cl, ok := dialAdmin(sock()); ok {
+				body := map[string]any{"certificate": string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})),
+					"roles": rs, "name": certName}
+				if err := cl.do(http.MethodPost, "/admin/tenants/"+url.PathEscape(args[0])+"/certs", body, &res); err != nil {
+					return err
+				}
+			} else if err := withOffline(g, func(ctx context.Context, ts *tenants.Service) error {
+				r, err := ts.AddCert(ctx, args[0], cert.Raw, rs, certName)
+				if err == nil {
+					res = *r
+				}
+				return err
+			}); err != nil {
+				return err
+			}
+			return printJSON(cmd.OutOrStdout(), res)
+		}}
+	addCert.Flags().StringVar(&certFile, "cert", "", "the client certificate, PEM or DER")
+	addCert.Flags().StringVar(&certRoles, "roles", "", "comma-separated roles (default manage,sign)")
+	addCert.Flags().StringVar(&certName, "name", "", "a label shown by tenant list (default: the certificate's common name)")
+	_ = addCert.MarkFlagRequired("cert")
+	c.AddCommand(create, list, revoke, addKey, addCert)
 	return c
 }
 

@@ -49,12 +49,14 @@ type Tenant struct {
 	CreatedAt        time.Time `json:"createdAt"`
 }
 
-// Credential is an API key. Only the SHA-256 of its secret is stored.
+// Credential is an API key, or a client-certificate binding when SPKI is set. Only the SHA-256 of
+// an API key's secret is stored; a binding stores the SHA-256 of the certificate's public key.
 type Credential struct {
 	ID              string     `json:"id"`
 	TenantID        string     `json:"tenantId,omitempty"` // empty for admin credentials
 	Name            string     `json:"name,omitempty"`
 	SecretHash      []byte     `json:"secretHash"`
+	SPKI            []byte     `json:"spki,omitempty"` // SHA-256 of the bound certificate's SubjectPublicKeyInfo
 	Roles           []string   `json:"roles"`
 	DefaultProvider string     `json:"defaultProvider,omitempty"`
 	CreatedAt       time.Time  `json:"createdAt"`

@@ -85,23 +85,25 @@ type Service struct {
 
 	mu    sync.RWMutex
 	creds map[string]*activeCred // by credential id; revoked ones removed
+	pins  map[string]*activeCred // certificate bindings by SPKI SHA-256 (raw bytes as a string)
 }
 
 // activeCred is a verified-on-demand credential with its principal built once: credentials are
 // immutable, so authentication hands out the same read-only principal every time.
 type activeCred struct {
 	hash      []byte
+	spki      string // non-empty for a certificate binding
 	principal *Principal
 }
 
 func newActiveCred(c *store.Credential) *activeCred {
-	return &activeCred{hash: c.SecretHash, principal: &Principal{CredentialID: c.ID, TenantID: c.TenantID,
-		Roles: c.Roles, DefaultProvider: c.DefaultProvider}}
+	return &activeCred{hash: c.SecretHash, spki: string(c.SPKI), principal: &Principal{CredentialID: c.ID,
+		TenantID: c.TenantID, Roles: c.Roles, DefaultProvider: c.DefaultProvider}}
 }
 
 // New loads every active credential into memory.
 func New(ctx context.Context, st *store.Store, opts ...Option) (*Service, error) {
-	s := &Service{st: st, now: time.Now, creds: map[string]*activeCred{}}
+	s := &Service{st: st, now: time.Now, creds: map[string]*activeCred{}, pins: map[string]*activeCred{}}
 	for _, o := range opts {
 		o(s)
 	}
@@ -113,14 +115,18 @@ func New(ctx context.Context, st *store.Store, opts ...Option) (*Service, error)
 
 // Reload re-reads the credentials from the store.
 func (s *Service) Reload(ctx context.Context) error {
-	m := map[string]*activeCred{}
+	m, pins := map[string]*activeCred{}, map[string]*activeCred{}
 	err := s.st.List(ctx, store.CredentialPrefix, func(_ string, val []byte) error {
 		var c store.Credential
 		if err := json.Unmarshal(val, &c); err != nil {
 			return fmt.Errorf("decode credential: %w", err)
 		}
 		if c.RevokedAt == nil {
-			m[c.ID] = newActiveCred(&c)
+			ac := newActiveCred(&c)
+			m[c.ID] = ac
+			if ac.spki != "" {
+				pins[ac.spki] = ac
+			}
 		}
 		return nil
 	})
@@ -128,7 +134,7 @@ func (s *Service) Reload(ctx context.Context) error {
 		return fmt.Errorf("load credentials: %w", err)
 	}
 	s.mu.Lock()
-	s.creds = m
+	s.creds, s.pins = m, pins
 	s.mu.Unlock()
 	return nil
 }
@@ -144,8 +150,9 @@ func (s *Service) Authenticate(key string) (*Principal, error) {
 	c := s.creds[id]
 	s.mu.RUnlock()
 	h := sha256.Sum256([]byte(secret))
-	if c == nil {
-		// Spend the same comparison on unknown ids so timing does not reveal which ids exist.
+	if c == nil || len(c.hash) == 0 {
+		// A certificate binding has no secret: its id is no API key. Spend the same comparison
+		// on unknown ids so timing does not reveal which ids exist.
 		subtle.ConstantTimeCompare(h[:], make([]byte, sha256.Size))
 		return nil, ErrUnauthenticated
 	}
@@ -334,8 +341,15 @@ func (s *Service) mint(tenantID string, roles []string, name string) (string, *s
 }
 
 func (s *Service) remember(c *store.Credential) {
+	ac := newActiveCred(c)
 	s.mu.Lock()
-	s.creds[c.ID] = newActiveCred(c)
+	if old := s.creds[c.ID]; old != nil && old.spki != "" && s.pins[old.spki] == old {
+		delete(s.pins, old.spki)
+	}
+	s.creds[c.ID] = ac
+	if ac.spki != "" {
+		s.pins[ac.spki] = ac
+	}
 	s.mu.Unlock()
 }
 
@@ -359,8 +373,10 @@ type TenantInfo struct {
 
 // CredentialInfo describes a credential without its secret.
 type CredentialInfo struct {
-	ID        string    `json:"id"`
-	Roles     []string  `json:"roles"`
+	ID    string   `json:"id"`
+	Roles []string `json:"roles"`
+	// SPKI marks a client-certificate binding: the pin, as `tenant add-cert` printed it.
+	SPKI      string    `json:"spki,omitempty"`
 	Name      string    `json:"name,omitempty"`
 	CreatedAt time.Time `json:"createdAt"`
 }
@@ -386,7 +402,8 @@ func (s *Service) List(ctx context.Context) ([]TenantInfo, error) {
 			return err
 		}
 		if c.RevokedAt == nil {
-			creds[c.TenantID] = append(creds[c.TenantID], CredentialInfo{ID: c.ID, Roles: c.Roles, Name: c.Name, CreatedAt: c.CreatedAt})
+			creds[c.TenantID] = append(creds[c.TenantID], CredentialInfo{ID: c.ID, Roles: c.Roles, Name: c.Name,
+				SPKI: FormatPin(c.SPKI), CreatedAt: c.CreatedAt})
 		}
 		return nil
 	})
@@ -505,6 +522,9 @@ func (s *Service) revokeTenant(ctx context.Context, tenant string) ([]string, er
 func (s *Service) forgetCreds(ids []string) {
 	s.mu.Lock()
 	for _, id := range ids {
+		if c := s.creds[id]; c != nil && c.spki != "" && s.pins[c.spki] == c {
+			delete(s.pins, c.spki)
+		}
 		delete(s.creds, id)
 	}
 	s.mu.Unlock()
@@ -540,3 +560,7 @@ func (s *Service) ProviderFor(ctx context.Context, p *Principal, requested strin
 	}
 	return prov, nil
 }
+
+// IsAPIKey reports whether a credential value has the form of a kmsgate API key (a bearer value
+// without the prefix is a token).
+func IsAPIKey(v string) bool { return strings.HasPrefix(v, keyPrefix) }
