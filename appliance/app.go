@@ -225,7 +225,7 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	a.health.watchStore(a.store, o.storeOptions().Backend())
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
-		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits(), Tokens: o.Tokens}
+		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits(), Tokens: a.tokenVerifier()}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err

@@ -24,115 +24,6 @@ import (
 	"github.com/kmsgate/kmsgate/internal/testenv"
 )
 
-// vaultIssuer is a Vault dev server configured as an OIDC identity-token issuer: a named signing
-// key, a userpass user (identity tokens need an entity, which the root token lacks) and roles whose
-// templates put the tenant and roles into the token.
-type vaultIssuer struct {
-	t         *testing.T
-	v         *testenv.Vault
-	userToken string
-	issuer    string // from Vault's discovery document
-	jwksURL   string
-}
-
-func startVaultIssuer(t *testing.T) *vaultIssuer {
-	t.Helper()
-	vi := &vaultIssuer{t: t, v: testenv.StartVault(t)}
-	vi.call(vi.v.Token, "POST", "sys/auth/userpass", map[string]any{"type": "userpass"}, nil)
-	vi.call(vi.v.Token, "PUT", "sys/policies/acl/oidc", map[string]any{
-		"policy": `path "identity/oidc/token/*" { capabilities = ["read"] }`}, nil)
-	vi.call(vi.v.Token, "POST", "auth/userpass/users/alice", map[string]any{"password": "pw-alice",
-		"token_policies": "oidc"}, nil)
-	vi.call(vi.v.Token, "POST", "identity/oidc/config", map[string]any{"issuer": vi.v.Addr}, nil)
-	vi.call(vi.v.Token, "POST", "identity/oidc/key/k1", map[string]any{"allowed_client_ids": "*",
-		"algorithm": "ES256", "rotation_period": "24h", "verification_ttl": "24h"}, nil)
-	var login struct {
-		Auth struct {
-			ClientToken string `json:"client_token"`
-		} `json:"auth"`
-	}
-	vi.call("", "POST", "auth/userpass/login/alice", map[string]any{"password": "pw-alice"}, &login)
-	vi.userToken = login.Auth.ClientToken
-	var disc struct {
-		Issuer  string `json:"issuer"`
-		JWKSURI string `json:"jwks_uri"`
-	}
-	vi.call("", "GET", "identity/oidc/.well-known/openid-configuration", nil, &disc)
-	if disc.Issuer == "" || disc.JWKSURI == "" {
-		t.Fatalf("vault discovery document lacks issuer or jwks_uri: %+v", disc)
-	}
-	vi.issuer, vi.jwksURL = disc.Issuer, disc.JWKSURI
-	return vi
-}
-
-// role creates an identity-token role signed by key k1 with the given claims template and ttl and
-// returns its client id (the tokens' aud).
-func (vi *vaultIssuer) role(name, template, ttl string) string {
-	vi.t.Helper()
-	vi.call(vi.v.Token, "POST", "identity/oidc/role/"+name, map[string]any{"key": "k1", "ttl": ttl,
-		"template": template}, nil)
-	var r struct {
-		Data struct {
-			ClientID string `json:"client_id"`
-		} `json:"data"`
-	}
-	vi.call(vi.v.Token, "GET", "identity/oidc/role/"+name, nil, &r)
-	if r.Data.ClientID == "" {
-		vi.t.Fatalf("vault role %s has no client_id", name)
-	}
-	return r.Data.ClientID
-}
-
-// token reads a signed identity token for role from Vault, as alice.
-func (vi *vaultIssuer) token(role string) string {
-	vi.t.Helper()
-	var r struct {
-		Data struct {
-			Token string `json:"token"`
-		} `json:"data"`
-	}
-	vi.call(vi.userToken, "GET", "identity/oidc/token/"+role, nil, &r)
-	if strings.Count(r.Data.Token, ".") != 2 {
-		vi.t.Fatalf("vault returned no compact JWS for role %s: %q", role, r.Data.Token)
-	}
-	return r.Data.Token
-}
-
-func (vi *vaultIssuer) rotate() {
-	vi.t.Helper()
-	vi.call(vi.v.Token, "POST", "identity/oidc/key/k1/rotate", map[string]any{}, nil)
-}
-
-func (vi *vaultIssuer) call(token, method, path string, body any, out any) {
-	vi.t.Helper()
-	var rd io.Reader
-	if body != nil {
-		b, _ := json.Marshal(body)
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, vi.v.Addr+"/v1/"+path, rd)
-	if err != nil {
-		vi.t.Fatal(err)
-	}
-	if token != "" {
-		req.Header.Set("X-Vault-Token", token)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		vi.t.Fatalf("vault %s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode/100 != 2 {
-		vi.t.Fatalf("vault %s %s: %d %s", method, path, resp.StatusCode, b)
-	}
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			vi.t.Fatalf("vault %s %s: decode %s: %v", method, path, b, err)
-		}
-	}
-}
-
 // newTenants is the real tenants service on a throwaway store, with tenant "acme".
 func newTenants(t *testing.T) *tenants.Service {
 	t.Helper()
@@ -151,41 +42,41 @@ func newTenants(t *testing.T) *tenants.Service {
 	return svc
 }
 
-func (vi *vaultIssuer) config(audience string) extauth.Issuer {
-	return extauth.Issuer{Issuer: vi.issuer, JWKSURL: vi.jwksURL, Audience: audience, Algorithms: []string{"ES256"},
+func issuerConfig(vi *testenv.VaultOIDC, audience string) extauth.Issuer {
+	return extauth.Issuer{Issuer: vi.Issuer, JWKSURL: vi.JWKSURL, Audience: audience, Algorithms: []string{"ES256"},
 		TenantClaim: "tenant", RolesClaim: "roles"}
 }
 
 func TestVaultIdentityTokens(t *testing.T) {
-	vi := startVaultIssuer(t)
+	vi := testenv.StartVaultOIDC(t)
 	ten := newTenants(t)
-	aud := vi.role("eudiplo", `{"tenant": "acme", "roles": "issuance:manage"}`, "5m")
-	otherAud := vi.role("other-client", `{"tenant": "acme", "roles": "issuance:manage"}`, "5m")
-	vi.role("arr", `{"tenant": "acme", "roles": ["sign", "bogus", "admin"]}`, "5m")
-	vi.role("noroles", `{"tenant": "acme", "roles": "bogus admin"}`, "5m")
-	vi.role("ghost", `{"tenant": "ghost", "roles": "issuance:manage"}`, "5m")
-	vi.role("custom", `{"tenant": "acme", "roles": ["kms-exporter"]}`, "5m")
+	aud := vi.Role("eudiplo", `{"tenant": "acme", "roles": "issuance:manage"}`, "5m")
+	otherAud := vi.Role("other-client", `{"tenant": "acme", "roles": "issuance:manage"}`, "5m")
+	vi.Role("arr", `{"tenant": "acme", "roles": ["sign", "bogus", "admin"]}`, "5m")
+	vi.Role("noroles", `{"tenant": "acme", "roles": "bogus admin"}`, "5m")
+	vi.Role("ghost", `{"tenant": "ghost", "roles": "issuance:manage"}`, "5m")
+	vi.Role("custom", `{"tenant": "acme", "roles": ["kms-exporter"]}`, "5m")
 	if otherAud == aud {
 		t.Fatal("vault gave two roles the same client id")
 	}
 	// The "arr", "noroles", "ghost" and "custom" roles get their own random client ids; the
 	// verifier's audience is the eudiplo role's, so give them the same one.
 	for _, r := range []string{"arr", "noroles", "ghost", "custom"} {
-		vi.call(vi.v.Token, "POST", "identity/oidc/role/"+r, map[string]any{"client_id": aud}, nil)
+		vi.SetClientID(r, aud)
 	}
-	cfg := vi.config(aud)
+	cfg := issuerConfig(vi, aud)
 	cfg.RoleMap = map[string][]string{"kms-exporter": {"sign", "export"}}
 	ver, err := extauth.New([]extauth.Issuer{cfg}, ten)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	if got := ver.Issuers(); len(got) != 1 || got[0] != vi.issuer {
-		t.Fatalf("Issuers() = %v, want [%s]", got, vi.issuer)
+	if got := ver.Issuers(); len(got) != 1 || got[0] != vi.Issuer {
+		t.Fatalf("Issuers() = %v, want [%s]", got, vi.Issuer)
 	}
 
 	t.Run("valid", func(t *testing.T) {
-		tok := vi.token("eudiplo")
+		tok := vi.Token("eudiplo")
 		p, err := ver.VerifyToken(ctx, tok)
 		if err != nil {
 			t.Fatalf("valid vault token refused: %v", err)
@@ -196,36 +87,36 @@ func TestVaultIdentityTokens(t *testing.T) {
 		if !strings.HasPrefix(p.CredentialID, extauth.CredentialPrefix) || len(p.CredentialID) != len("ext:")+32 {
 			t.Fatalf("credential id %q is not ext:<hash>", p.CredentialID)
 		}
-		p2, err := ver.VerifyToken(ctx, vi.token("eudiplo"))
+		p2, err := ver.VerifyToken(ctx, vi.Token("eudiplo"))
 		if err != nil || p2.CredentialID != p.CredentialID {
 			t.Fatalf("second token of the same entity: %v, credential %q vs %q", err, p2.CredentialID, p.CredentialID)
 		}
 	})
 	t.Run("roles array, unknown and admin ignored", func(t *testing.T) {
-		p, err := ver.VerifyToken(ctx, vi.token("arr"))
+		p, err := ver.VerifyToken(ctx, vi.Token("arr"))
 		if err != nil || strings.Join(p.Roles, ",") != "sign" {
 			t.Fatalf("got %+v, %v; want roles sign", p, err)
 		}
 	})
 	t.Run("roleMap", func(t *testing.T) {
-		p, err := ver.VerifyToken(ctx, vi.token("custom"))
+		p, err := ver.VerifyToken(ctx, vi.Token("custom"))
 		if err != nil || strings.Join(p.Roles, ",") != "sign,export" {
 			t.Fatalf("got %+v, %v; want roles sign,export", p, err)
 		}
 	})
 
-	valid := vi.token("eudiplo")
+	valid := vi.Token("eudiplo")
 	// These two tokens cannot come from Vault (it never signs with none or HS256): the test crafts
 	// them from a genuine Vault token, keeping its claims and kid.
 	algNone := reheader(t, valid, func(h map[string]any) { h["alg"] = "none" }, nil)
-	hsPub := reheader(t, valid, func(h map[string]any) { h["alg"] = "HS256" }, fetchJWKS(t, vi.jwksURL))
+	hsPub := reheader(t, valid, func(h map[string]any) { h["alg"] = "HS256" }, fetchJWKS(t, vi.JWKSURL))
 
-	wrongIss, err := extauth.New([]extauth.Issuer{{Issuer: vi.issuer + "/other", JWKSURL: vi.jwksURL, Audience: aud,
+	wrongIss, err := extauth.New([]extauth.Issuer{{Issuer: vi.Issuer + "/other", JWKSURL: vi.JWKSURL, Audience: aud,
 		Algorithms: []string{"ES256"}, TenantClaim: "tenant", RolesClaim: "roles"}}, ten)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rsOnly := vi.config(aud)
+	rsOnly := issuerConfig(vi, aud)
 	rsOnly.Algorithms = []string{"RS256"}
 	rsOnlyVer, err := extauth.New([]extauth.Issuer{rsOnly}, ten)
 	if err != nil {
@@ -239,9 +130,9 @@ func TestVaultIdentityTokens(t *testing.T) {
 		return v
 	}
 	shortTok := func() string {
-		vi.role("short", `{"tenant": "acme", "roles": "issuance:manage"}`, "2s")
-		vi.call(vi.v.Token, "POST", "identity/oidc/role/short", map[string]any{"client_id": aud}, nil)
-		return vi.token("short")
+		vi.Role("short", `{"tenant": "acme", "roles": "issuance:manage"}`, "2s")
+		vi.SetClientID("short", aud)
+		return vi.Token("short")
 	}()
 
 	for _, tc := range []struct {
@@ -250,7 +141,7 @@ func TestVaultIdentityTokens(t *testing.T) {
 		tok  string
 		want string // in the (logged) reason, so each row fails for its own reason
 	}{
-		{"wrong audience", ver, vi.token("other-client"), "audience"},
+		{"wrong audience", ver, vi.Token("other-client"), "audience"},
 		{"wrong issuer", wrongIss, valid, "is not trusted"},
 		{"algorithm not allowed for the issuer", rsOnlyVer, valid, "algorithm not accepted"},
 		// 2 s ttl, seen 2 s + leeway + 3 s later: the clock moves rather than the test sleeping 35 s.
@@ -258,8 +149,8 @@ func TestVaultIdentityTokens(t *testing.T) {
 		{"not yet valid (iat in the future)", afterExpiry(-(extauth.Leeway + 10*time.Second)), valid, "future"},
 		{"alg none", ver, algNone, "algorithm not accepted"},
 		{"HS256 signed with the public key", ver, hsPub, "algorithm not accepted"},
-		{"tenant does not exist", ver, vi.token("ghost"), `tenant "ghost" does not exist`},
-		{"no kmsgate role", ver, vi.token("noroles"), "no kmsgate role"},
+		{"tenant does not exist", ver, vi.Token("ghost"), `tenant "ghost" does not exist`},
+		{"no kmsgate role", ver, vi.Token("noroles"), "no kmsgate role"},
 		{"signature tampered", ver, tamper(valid), "signature does not verify"},
 		{"garbage", ver, "not-a-jwt", "malformed"},
 	} {
@@ -287,13 +178,13 @@ func TestVaultIdentityTokens(t *testing.T) {
 // refetch the JWKS (once, rate-limited) and accept it; the old key stays accepted while Vault
 // still publishes it.
 func TestVaultKeyRotation(t *testing.T) {
-	vi := startVaultIssuer(t)
+	vi := testenv.StartVaultOIDC(t)
 	ten := newTenants(t)
-	aud := vi.role("eudiplo", `{"tenant": "acme", "roles": "presentation:manage"}`, "5m")
+	aud := vi.Role("eudiplo", `{"tenant": "acme", "roles": "presentation:manage"}`, "5m")
 	var fetches atomic.Int32
 	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fetches.Add(1)
-		resp, err := http.Get(vi.jwksURL)
+		resp, err := http.Get(vi.JWKSURL)
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusBadGateway)
 			return
@@ -303,7 +194,7 @@ func TestVaultKeyRotation(t *testing.T) {
 		_, _ = io.Copy(w, resp.Body)
 	}))
 	t.Cleanup(proxy.Close)
-	cfg := vi.config(aud)
+	cfg := issuerConfig(vi, aud)
 	cfg.JWKSURL = proxy.URL
 	const interval = time.Second
 	ver, err := extauth.New([]extauth.Issuer{cfg}, ten, extauth.WithRefreshInterval(interval))
@@ -311,7 +202,7 @@ func TestVaultKeyRotation(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	old := vi.token("eudiplo")
+	old := vi.Token("eudiplo")
 	if p, err := ver.VerifyToken(ctx, old); err != nil || strings.Join(p.Roles, ",") != "manage,sign" {
 		t.Fatalf("first token: %+v, %v", p, err)
 	}
@@ -321,9 +212,9 @@ func TestVaultKeyRotation(t *testing.T) {
 	start := time.Now()
 	// Vault publishes its next key ahead of each rotation, so after one rotation the new kid was
 	// already in the first fetch; after two the signing key is one the cache has never seen.
-	vi.rotate()
-	vi.rotate()
-	fresh := vi.token("eudiplo")
+	vi.Rotate()
+	vi.Rotate()
+	fresh := vi.Token("eudiplo")
 	if kid(t, fresh) == kid(t, old) {
 		t.Fatal("vault rotation did not change the kid")
 	}
@@ -368,11 +259,11 @@ func TestVaultKeyRotation(t *testing.T) {
 // TestJWKSFetchLimits: a JWKS URL that redirects to another host, answers an oversized body or is
 // down never verifies a token, and the error does not escape as anything but a 401 refusal.
 func TestJWKSFetchLimits(t *testing.T) {
-	vi := startVaultIssuer(t)
+	vi := testenv.StartVaultOIDC(t)
 	ten := newTenants(t)
-	aud := vi.role("eudiplo", `{"tenant": "acme", "roles": "sign"}`, "5m")
-	tok := vi.token("eudiplo")
-	redirect := httptest.NewServer(http.RedirectHandler(vi.jwksURL, http.StatusFound)) // Vault: another port = another host
+	aud := vi.Role("eudiplo", `{"tenant": "acme", "roles": "sign"}`, "5m")
+	tok := vi.Token("eudiplo")
+	redirect := httptest.NewServer(http.RedirectHandler(vi.JWKSURL, http.StatusFound)) // Vault: another port = another host
 	t.Cleanup(redirect.Close)
 	huge := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(`{"keys":[],"pad":"`))
@@ -385,7 +276,7 @@ func TestJWKSFetchLimits(t *testing.T) {
 	for name, url := range map[string]string{"redirect to another host": redirect.URL, "oversized": huge.URL,
 		"down": down.URL} {
 		t.Run(name, func(t *testing.T) {
-			cfg := vi.config(aud)
+			cfg := issuerConfig(vi, aud)
 			cfg.JWKSURL = url
 			ver, err := extauth.New([]extauth.Issuer{cfg}, ten)
 			if err != nil {
@@ -398,7 +289,7 @@ func TestJWKSFetchLimits(t *testing.T) {
 		})
 	}
 	// The direct URL works, so the refusals above are the fetch policy's doing.
-	ver, err := extauth.New([]extauth.Issuer{vi.config(aud)}, ten)
+	ver, err := extauth.New([]extauth.Issuer{issuerConfig(vi, aud)}, ten)
 	if err != nil {
 		t.Fatal(err)
 	}
