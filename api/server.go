@@ -90,6 +90,10 @@ type Deps struct {
 	Limits RateLimits
 	// MetricsElsewhere leaves /metrics off this app: the appliance serves it on its own listener.
 	MetricsElsewhere bool
+	// Tokens verifies bearer tokens that are not kmsgate API keys (nil: such tokens are refused).
+	Tokens TokenVerifier
+	// OAuth serves the token endpoint and the discovery documents (nil: not mounted).
+	OAuth OAuthIssuer
 }
 
 // Server holds the API's dependencies.
@@ -128,6 +132,7 @@ func New(d Deps) *fiber.App {
 
 	adm := app.Group("/admin", s.auth, s.requireRole(tenants.RoleAdmin))
 	s.mountAdmin(adm)
+	s.mountOAuth(app)
 	app.Use(func(c *fiber.Ctx) error {
 		return problem(fiber.StatusNotFound, "route_not_found", "no route "+c.Method()+" "+c.Path())
 	})
@@ -220,7 +225,13 @@ func (s *Server) auth(c *fiber.Ctx) error {
 		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="kmsgate"`)
 		return problem(fiber.StatusUnauthorized, "unauthorized", "missing API key: send Authorization: Bearer <key> or x-api-key")
 	}
-	p, err := s.Tenants.Authenticate(key)
+	var p *tenants.Principal
+	var err error
+	if !strings.HasPrefix(key, "kmsgate_") && s.Tokens != nil {
+		p, err = s.Tokens.VerifyToken(c.UserContext(), key)
+	} else {
+		p, err = s.Tenants.Authenticate(key)
+	}
 	if err != nil {
 		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="kmsgate", error="invalid_token"`)
 		return problem(fiber.StatusUnauthorized, "unauthorized", "invalid or revoked API key")

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kmsgate/kmsgate/api"
+	"github.com/kmsgate/kmsgate/appliance/authn"
 	"github.com/kmsgate/kmsgate/appliance/config"
 	"github.com/kmsgate/kmsgate/appliance/keychain"
 	"github.com/kmsgate/kmsgate/appliance/keys"
@@ -96,6 +97,10 @@ type Options struct {
 	// store, the safety net under change notifications (0: DefaultCacheRefreshInterval; negative:
 	// never).
 	CacheRefreshInterval time.Duration
+	// SystemKeyProvider holds the system key that signs access tokens ("": the default provider).
+	SystemKeyProvider string
+	// TokenTTL is the lifetime of issued access tokens (0: authn.DefaultTokenTTL; more than 60s).
+	TokenTTL time.Duration
 }
 
 // Appliance is a running kmsgate.
@@ -116,6 +121,8 @@ type Appliance struct {
 	keyChains    *keychain.Service
 	intentsSwept *prometheus.CounterVec
 	dbProvs      []*db.Provider // to evict sealed keys deleted through another replica
+	systemKey    *authn.SystemKey
+	tokens       *authn.Tokens
 
 	mu          sync.Mutex
 	metricsAddr string
@@ -210,6 +217,10 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
 		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits()}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
+		a.Close()
+		return nil, err
+	}
+	if err := a.setupOAuth(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err
 	}
