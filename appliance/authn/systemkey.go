@@ -227,6 +227,16 @@ func (k *SystemKey) ActiveKID() string {
 	return k.active.ref.KID
 }
 
+// ProviderID is the provider holding the active key ("" before Ensure succeeded).
+func (k *SystemKey) ProviderID() string {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if k.active == nil {
+		return ""
+	}
+	return k.active.ref.ProviderID
+}
+
 // PublicKey returns the published key kid. An unknown kid re-reads the record first (at most once
 // a second): another replica may have rotated.
 func (k *SystemKey) PublicKey(ctx context.Context, kid string) (*ecdsa.PublicKey, bool) {
