@@ -43,3 +43,9 @@ func (o oauthIssuer) JWKS() []keyutil.JWK { return o.Keys().JWKS() }
 
 // Tokens is the access-token issuer and verifier (tests mint tokens with chosen claims).
 func (a *Appliance) Tokens() *authn.Tokens { return a.tokens }
+
+// KeyCount is the number of keys a namespace holds in its providers (authn.SystemTenant for the
+// system keys), as the lifecycle counts them.
+func (a *Appliance) KeyCount(ctx context.Context, tenant string) (int64, error) {
+	return a.keys.Lifecycle().KeyCount(ctx, tenant)
+}
