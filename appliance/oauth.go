@@ -9,6 +9,9 @@ import (
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 )
 
+// DefaultPublicURL is the public URL (token issuer) when none is configured, as `serve` defaults it.
+const DefaultPublicURL = "http://localhost:8080"
+
 // setupOAuth makes kmsgate an OAuth2 issuer to its own API credentials: the system key (created
 // once for all replicas) signs access tokens, which the API accepts as bearer tokens.
 func (a *Appliance) setupOAuth(ctx context.Context, deps *api.Deps) error {
@@ -26,7 +29,11 @@ func (a *Appliance) setupOAuth(ctx context.Context, deps *api.Deps) error {
 		// the first token request instead, and until then tokens are refused.
 		a.log.Warn("system key not available yet; access tokens are refused until it is", "provider", provID, "error", err)
 	}
-	tokens, err := authn.NewTokens(authn.TokensConfig{Issuer: a.opts.PublicURL, TTL: a.opts.TokenTTL,
+	iss := a.opts.PublicURL
+	if iss == "" {
+		iss = DefaultPublicURL
+	}
+	tokens, err := authn.NewTokens(authn.TokensConfig{Issuer: iss, TTL: a.opts.TokenTTL,
 		Keys: a.systemKey, Credentials: a.tenants})
 	if err != nil {
 		return err
