@@ -99,6 +99,8 @@ type Deps struct {
 	Limits RateLimits
 	// MetricsElsewhere leaves /metrics off this app: the appliance serves it on its own listener.
 	MetricsElsewhere bool
+	// OAuth serves the token endpoint and the discovery documents (nil: not mounted).
+	OAuth OAuthIssuer
 }
 
 // Server holds the API's dependencies.
@@ -137,6 +139,7 @@ func New(d Deps) *fiber.App {
 
 	adm := app.Group("/admin", s.auth, s.requireRole(tenants.RoleAdmin))
 	s.mountAdmin(adm)
+	s.mountOAuth(app)
 	app.Use(func(c *fiber.Ctx) error {
 		return problem(fiber.StatusNotFound, "route_not_found", "no route "+c.Method()+" "+c.Path())
 	})

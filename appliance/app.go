@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/kmsgate/kmsgate/api"
+	"github.com/kmsgate/kmsgate/appliance/authn"
 	"github.com/kmsgate/kmsgate/appliance/config"
 	"github.com/kmsgate/kmsgate/appliance/extauth"
 	"github.com/kmsgate/kmsgate/appliance/keychain"
@@ -104,6 +105,10 @@ type Options struct {
 	// store, the safety net under change notifications (0: DefaultCacheRefreshInterval; negative:
 	// never).
 	CacheRefreshInterval time.Duration
+	// SystemKeyProvider holds the system key that signs access tokens ("": the default provider).
+	SystemKeyProvider string
+	// TokenTTL is the lifetime of issued access tokens (0: authn.DefaultTokenTTL; more than 60s).
+	TokenTTL time.Duration
 }
 
 // Appliance is a running kmsgate.
@@ -126,6 +131,8 @@ type Appliance struct {
 	extTokens    *extauth.Verifier // external issuers' bearer tokens
 	intentsSwept *prometheus.CounterVec
 	dbProvs      []*db.Provider // to evict sealed keys deleted through another replica
+	systemKey    *authn.SystemKey
+	tokens       *authn.Tokens
 
 	mu          sync.Mutex
 	metricsAddr string
@@ -225,8 +232,12 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	a.health.watchStore(a.store, o.storeOptions().Backend())
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
-		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits(), Tokens: a.tokenVerifier()}
+		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits(), Tokens: a.tokenVerifier(nil, "")}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
+		a.Close()
+		return nil, err
+	}
+	if err := a.setupOAuth(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err
 	}

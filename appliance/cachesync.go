@@ -2,9 +2,11 @@ package appliance
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
+	"github.com/kmsgate/kmsgate/appliance/authn"
 	"github.com/kmsgate/kmsgate/appliance/store"
 	"github.com/kmsgate/kmsgate/providers"
 	"github.com/kmsgate/kmsgate/providers/db"
@@ -70,6 +72,12 @@ func (a *Appliance) syncCaches(ctx context.Context) {
 // applyChange refreshes what the record key feeds. Records no cache holds (tenants, metadata,
 // bootstrap state) are read from the store on use and need nothing.
 func (a *Appliance) applyChange(ctx context.Context, key string) {
+	if key == authn.RecordKey {
+		if err := a.systemKey.Reload(ctx); err != nil {
+			a.log.Warn("cache refresh: system key", "error", err)
+		}
+		return
+	}
 	if a.keys.InvalidateRecord(key) {
 		return
 	}
@@ -106,6 +114,9 @@ func (a *Appliance) refreshCaches(ctx context.Context, why string) {
 	}
 	if err := a.tenants.Reload(ctx); err != nil {
 		a.log.Warn("cache refresh: credentials", "reason", why, "error", err)
+	}
+	if err := a.systemKey.Reload(ctx); err != nil && !errors.Is(err, authn.ErrNoSystemKey) {
+		a.log.Warn("cache refresh: system key", "reason", why, "error", err)
 	}
 	if err := a.keyChains.Refresh(ctx); err != nil {
 		a.log.Warn("cache refresh: key chains", "reason", why, "error", err)

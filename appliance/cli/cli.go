@@ -22,6 +22,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kmsgate/kmsgate/appliance"
+	"github.com/kmsgate/kmsgate/appliance/authn"
 	"github.com/kmsgate/kmsgate/appliance/config"
 	"github.com/kmsgate/kmsgate/appliance/keychain"
 	"github.com/kmsgate/kmsgate/appliance/keys"
@@ -208,6 +209,10 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	f.DurationVar(&o.KeyIntentMaxAge, "key-intent-max-age", envDuration("KMSGATE_KEY_INTENT_MAX_AGE", appliance.DefaultKeyIntentMaxAge),
 		"age after which an unfinished key create is abandoned and its backend key deleted by the sweep; "+
 			"keep it well above the provider timeouts (env KMSGATE_KEY_INTENT_MAX_AGE)")
+	f.StringVar(&o.SystemKeyProvider, "system-key-provider", os.Getenv("KMSGATE_SYSTEM_KEY_PROVIDER"),
+		"provider holding the system key that signs access tokens (default: kms.json defaultProvider; env KMSGATE_SYSTEM_KEY_PROVIDER)")
+	f.DurationVar(&o.TokenTTL, "token-ttl", envDuration("KMSGATE_TOKEN_TTL", authn.DefaultTokenTTL),
+		"lifetime of access tokens from /oauth2/token; more than 60s (env KMSGATE_TOKEN_TTL)")
 	return cmd
 }
 

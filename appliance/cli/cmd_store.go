@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kmsgate/kmsgate/appliance"
+	"github.com/kmsgate/kmsgate/appliance/authn"
 	"github.com/kmsgate/kmsgate/appliance/seal"
 	"github.com/kmsgate/kmsgate/appliance/store"
 )
@@ -121,7 +122,8 @@ func verifySealed(ctx context.Context, st *store.Store, sealer *seal.Sealer) (se
 	owners := map[string][]dbKeyOwner{}
 	dbPrefix := store.DBKeyKey("")
 	err := st.List(ctx, "", func(key string, val []byte) error {
-		if strings.HasPrefix(key, dbPrefix) || strings.HasPrefix(key, store.MetaKey("")) {
+		// The system key's record is the one metadata record that references a key.
+		if strings.HasPrefix(key, dbPrefix) || (strings.HasPrefix(key, store.MetaKey("")) && key != authn.RecordKey) {
 			return nil
 		}
 		var v any

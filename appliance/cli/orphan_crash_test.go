@@ -54,7 +54,7 @@ func takeCensus(t *testing.T, dir string, kids []string) census {
 			}
 		}
 	}
-	for _, prefix := range []string{"key/", "chain/"} {
+	for _, prefix := range []string{"key/", "chain/", "meta/system-key"} {
 		err := st.List(ctx, prefix, func(_ string, val []byte) error {
 			var v any
 			if err := json.Unmarshal(val, &v); err != nil {

@@ -580,7 +580,9 @@ func (ts *tokenSource) token(ctx context.Context) (string, error) {
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxBody))
-	if resp.StatusCode != http.StatusOK {
+	// Any 2xx, as EUDIPLO's adapter takes it: EUDIPLO's own token endpoint (and kmsgate's at the
+	// same path) answers 201.
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		// The body is not echoed: some servers reflect the submitted form, secret included.
 		return "", fmt.Errorf("token endpoint answered %d", resp.StatusCode)
 	}
