@@ -25,6 +25,26 @@ func (s *Server) mountAdmin(r fiber.Router) {
 		return s.adminRevoke(c, target)
 	})
 	r.Post("/credentials/:id/revoke", func(c *fiber.Ctx) error { return s.adminRevoke(c, tenants.RevokeCredential) })
+	r.Post("/system-key/rotate", s.adminRotateSystemKey)
+}
+
+// SystemKeyRotator is the optional ability of the token issuer to rotate the system key.
+type SystemKeyRotator interface {
+	RotateSystemKey(ctx context.Context) (kid string, err error)
+}
+
+// adminRotateSystemKey makes a new system key sign tokens from now on; the old one stays published
+// (and its tokens accepted) until the next rotation.
+func (s *Server) adminRotateSystemKey(c *fiber.Ctx) error {
+	rot, ok := s.OAuth.(SystemKeyRotator)
+	if !ok {
+		return problem(fiber.StatusNotFound, "not_supported", "this server issues no access tokens")
+	}
+	kid, err := rot.RotateSystemKey(c.UserContext())
+	if err != nil {
+		return err
+	}
+	return c.JSON(fiber.Map{"kid": kid})
 }
 
 func (s *Server) adminCreateTenant(c *fiber.Ctx) error {

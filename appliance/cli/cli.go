@@ -113,7 +113,7 @@ func NewRootCmd(bi BuildInfo) *cobra.Command {
 		return config.LoadKMS(g.configDir, os.LookupEnv, appliance.ProviderCatalog())
 	}
 	root.AddCommand(newServeCmd(g, bi), newVersionCmd(bi), newConfigCmd(loadKMS), newTenantCmd(g), newAdminCmd(g),
-		newHSMCmd(), newDoctorCmd(loadKMS), newStoreCmd(g))
+		newHSMCmd(), newDoctorCmd(loadKMS), newStoreCmd(g), newSystemKeyCmd(g))
 	return root
 }
 
