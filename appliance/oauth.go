@@ -48,7 +48,9 @@ type oauthIssuer struct{ *authn.Tokens }
 
 func (o oauthIssuer) JWKS() []keyutil.JWK { return o.Keys().JWKS() }
 
-func (o oauthIssuer) RotateSystemKey(ctx context.Context) (string, error) { return o.Keys().Rotate(ctx) }
+func (o oauthIssuer) RotateSystemKey(ctx context.Context) (string, error) {
+	return o.Keys().Rotate(ctx)
+}
 
 // Tokens is the access-token issuer and verifier (tests mint tokens with chosen claims).
 func (a *Appliance) Tokens() *authn.Tokens { return a.tokens }
