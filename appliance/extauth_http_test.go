@@ -10,7 +10,9 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
+	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/internal/apptest"
 	"github.com/kmsgate/kmsgate/internal/keyutil"
 	"github.com/kmsgate/kmsgate/internal/testenv"
@@ -118,4 +120,21 @@ func TestExternalIssuerOverHTTP(t *testing.T) {
 		t.Fatalf("sign with a kmsgate token while auth.json lists Vault: %d %s", st, body)
 	}
 	verifyWith(pub, body)
+
+	// Revoking the tenant refuses the external issuer's tokens too (the issuer knows nothing of
+	// it), within the verifier's one-second memory of the tenant.
+	if _, err := in.App.Tenants().Revoke(t.Context(), "acme", tenants.RevokeTenant); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(1500 * time.Millisecond)
+	for {
+		st, _ := sign(tok, "ext-1")
+		if st == 401 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a Vault token for a revoked tenant still answered %d after 1.5 s", st)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -232,11 +232,15 @@ func (v *Verifier) checkTenant(ctx context.Context, id string) error {
 	if ok && now.Sub(seen) >= 0 && now.Sub(seen) < tenantTTL {
 		return nil
 	}
-	if _, err := v.tenants.Tenant(ctx, id); err != nil {
+	t, err := v.tenants.Tenant(ctx, id)
+	if err != nil {
 		if errors.Is(err, tenants.ErrTenantNotFound) {
 			return refuse("tenant %q does not exist", id)
 		}
 		return errs.Wrap(errs.Unavailable, err, "cannot check the token's tenant")
+	}
+	if t.RevokedAt != nil {
+		return refuse("tenant %q is revoked", id)
 	}
 	v.tmu.Lock()
 	if len(v.tenantSeen) >= maxTenantCache {

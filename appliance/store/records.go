@@ -47,6 +47,9 @@ type Tenant struct {
 	AllowedProviders []string  `json:"allowedProviders,omitempty"`
 	DefaultProvider  string    `json:"defaultProvider,omitempty"`
 	CreatedAt        time.Time `json:"createdAt"`
+	// RevokedAt is set by a tenant revoke. Revoking the tenant's credentials covers kmsgate's own
+	// credentials; external issuers' tokens name the tenant itself, so it is marked too.
+	RevokedAt *time.Time `json:"revokedAt,omitempty"`
 }
 
 // Credential is an API key, or a client-certificate binding when SPKI is set. Only the SHA-256 of

@@ -505,7 +505,14 @@ func (s *Service) revokeTenant(ctx context.Context, tenant string) ([]string, er
 				return err
 			}
 		}
-		return nil
+		var t store.Tenant
+		if err := tx.Get(store.TenantKey(tenant), &t); err != nil {
+			return err
+		}
+		if t.RevokedAt == nil {
+			t.RevokedAt = &now
+		}
+		return tx.Put(store.TenantKey(tenant), &t)
 	})
 	if err != nil {
 		return nil, err
