@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"encoding/hex"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -71,6 +72,12 @@ func (b *pgBackend) listen(ctx context.Context, cfg *pgx.ConnConfig, fn func(Cha
 		cancel()
 		switch {
 		case err == nil:
+			// A write of this process: the writer updated its caches when it wrote. Reading the
+			// record again would be wasted, and harmful in an outage: the re-read fails and the
+			// caller drops a cache entry that signing with a known key depends on.
+			if b.own.has(n.PID) {
+				continue
+			}
 			key, derr := hex.DecodeString(n.Payload)
 			if derr != nil {
 				// Not ours (someone else NOTIFYing on the channel): refresh rather than guess.
@@ -91,4 +98,30 @@ func (b *pgBackend) listen(ctx context.Context, cfg *pgx.ConnConfig, fn func(Cha
 			return err
 		}
 	}
+}
+
+// pidSet is the set of PostgreSQL backend PIDs of this process's pool connections, so the listener
+// can tell the notices of this process's writes from other replicas'.
+type pidSet struct {
+	mu sync.Mutex
+	m  map[uint32]struct{}
+}
+
+func (p *pidSet) add(pid uint32) {
+	p.mu.Lock()
+	p.m[pid] = struct{}{}
+	p.mu.Unlock()
+}
+
+func (p *pidSet) remove(pid uint32) {
+	p.mu.Lock()
+	delete(p.m, pid)
+	p.mu.Unlock()
+}
+
+func (p *pidSet) has(pid uint32) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, ok := p.m[pid]
+	return ok
 }

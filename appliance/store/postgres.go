@@ -48,6 +48,7 @@ type pgBackend struct {
 	pool *pgxpool.Pool
 	ops  pgOps
 	log  *slog.Logger
+	own  *pidSet // backend PIDs of this process's pool connections
 }
 
 // OpenPostgres connects to the database at dsn (a postgres:// URL) and migrates its schema. An
@@ -78,6 +79,12 @@ func OpenPostgres(ctx context.Context, dsn string, o PostgresOptions) (*Store, e
 	if cfg.ConnConfig.ConnectTimeout == 0 || cfg.ConnConfig.ConnectTimeout > o.ConnectTimeout {
 		cfg.ConnConfig.ConnectTimeout = o.ConnectTimeout
 	}
+	own := &pidSet{m: map[uint32]struct{}{}}
+	cfg.AfterConnect = func(_ context.Context, c *pgx.Conn) error {
+		own.add(c.PgConn().PID())
+		return nil
+	}
+	cfg.BeforeClose = func(c *pgx.Conn) { own.remove(c.PgConn().PID()) }
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("store: PostgreSQL at %s: %w", red, err)
@@ -96,7 +103,7 @@ func OpenPostgres(ctx context.Context, dsn string, o PostgresOptions) (*Store, e
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Store{b: &pgBackend{pool: pool, ops: pgOps{q: pool}, log: log}}, nil
+	return &Store{b: &pgBackend{pool: pool, ops: pgOps{q: pool}, log: log, own: own}}, nil
 }
 
 func (b *pgBackend) close() error { b.pool.Close(); return nil }

@@ -116,6 +116,10 @@ func TestPostgresWatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.none(t) // deleting a missing key changed nothing
+	if err := reader.Put(ctx, "a/own-write", rec{}); err != nil {
+		t.Fatal(err)
+	}
+	w.none(t) // the listening process's own write: it updated its caches when it wrote
 
 	pg.Exec(t, "postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
 		ListenerApplicationName)
