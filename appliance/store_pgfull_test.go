@@ -1,24 +1,17 @@
 package appliance_test
 
 import (
-	"context"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/kmsgate/kmsgate/appliance"
-	"github.com/kmsgate/kmsgate/appliance/tenants"
 	"github.com/kmsgate/kmsgate/internal/apptest"
 	"github.com/kmsgate/kmsgate/internal/testenv"
 )
@@ -31,9 +24,7 @@ import (
 // and once the disk has room again writes succeed without restarting kmsgate and every
 // acknowledged write is in the database.
 func TestSigningSurvivesPostgresDiskFull(t *testing.T) {
-	if testing.Short() {
-		t.Skip("needs PostgreSQL and a tmpfs mount")
-	}
+	testenv.NeedsBackend(t, "postgres")
 	// Not t.TempDir: its parents are private to root, and PostgreSQL runs as another user. The
 	// mount is world-writable with the sticky bit (like /tmp), so initdb creates its data
 	// directory there as that user.
@@ -51,80 +42,9 @@ func TestSigningSurvivesPostgresDiskFull(t *testing.T) {
 	})
 	pg := testenv.StartPostgres(t, testenv.WithDataDir(filepath.Join(mnt, "data")))
 	dsn := pg.NewDatabase(t)
-	a := openAppliance(t, func(o *appliance.Options) { o.Store = dsn })
-	ctx := context.Background()
-	res, err := a.CreateTenant(ctx, tenants.CreateTenantRequest{ID: "acme", Name: "Acme",
-		Roles: []string{tenants.RoleManage, tenants.RoleSign}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	key := res.APIKey
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := "http://" + ln.Addr().String()
-	sctx, stopServe := context.WithCancel(ctx)
-	served := make(chan error, 1)
-	go func() { served <- a.Serve(sctx, ln) }()
-	defer func() { stopServe(); <-served }()
-	for i := 0; i < 100; i++ {
-		if st, _, _ := call(t, "GET", base+"/healthz", "", nil); st == 200 {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if st, b, _ := call(t, "POST", base+"/keys", key, map[string]string{"kid": "known"}); st != 200 {
-		t.Fatalf("generate: %d %s", st, b)
-	}
-	msg := map[string]string{"data": base64.StdEncoding.EncodeToString([]byte("m"))}
-	st, cb, _ := call(t, "POST", base+"/key-chain", key, map[string]any{"usageType": "access", "type": "internalChain"})
-	if st != 201 {
-		t.Fatalf("create key chain: %d %s", st, cb)
-	}
-	var chain struct{ ID string }
-	if err := json.Unmarshal(cb, &chain); err != nil || chain.ID == "" {
-		t.Fatalf("create key chain: %s", cb)
-	}
-	reqs := []struct {
-		path string
-		body any
-	}{
-		{"/keys/known/sign", msg},
-		{"/key-chain/" + chain.ID + "/sign", msg},
-		{"/key-chain/" + chain.ID + "/jws", map[string]any{"payload": map[string]string{"a": "b"}}},
-	}
-	for _, r := range reqs {
-		if st, b, _ := call(t, "POST", base+r.path, key, r.body); st != 200 {
-			t.Fatalf("%s before the fault: %d %s", r.path, st, b)
-		}
-	}
-
-	var signs, signErrs atomic.Int64
-	var firstErr atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	// Stops the loops before the server on every path, so none reports on a closed server.
-	stopSigning := sync.OnceFunc(func() { close(stop); wg.Wait() })
-	defer stopSigning()
-	for w := 0; w < 4; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				r := reqs[signs.Add(1)%int64(len(reqs))]
-				if st, b, _ := call(t, "POST", base+r.path, key, r.body); st != 200 {
-					signErrs.Add(1)
-					firstErr.CompareAndSwap(nil, r.path+": "+string(b))
-				}
-			}
-		}()
-	}
+	srv := serveOnStore(t, dsn)
+	base, key, msg := srv.base, srv.key, srv.msg
+	load := srv.startSignLoad(t)
 
 	// Fill the file system, then write until PostgreSQL refuses: a write whose rows fit in pages
 	// and a WAL segment it already has still succeeds on a full disk.
@@ -170,7 +90,7 @@ func TestSigningSurvivesPostgresDiskFull(t *testing.T) {
 		t.Fatalf("key-chain create on a full disk: %d %s, want 503 store_unavailable", st, b)
 	}
 	time.Sleep(time.Second) // keep signing on the full disk a little longer
-	duringFault := signs.Load()
+	duringFault := load.signs.Load()
 
 	// What PostgreSQL itself did: it refuses the statement that needs a new page (53100, an
 	// ERROR) and stays up; a PANIC (a WAL write failing) would restart it, which the recovery
@@ -207,9 +127,9 @@ func TestSigningSurvivesPostgresDiskFull(t *testing.T) {
 		}
 	}
 	healthy := time.Since(freed)
-	stopSigning()
-	if n := signErrs.Load(); n != 0 || duringFault == 0 {
-		t.Fatalf("signing across the full disk: %d errors in %d signatures (first: %v)", n, signs.Load(), firstErr.Load())
+	load.stop()
+	if n := load.errs.Load(); n != 0 || duringFault == 0 {
+		t.Fatalf("signing across the full disk: %d errors in %d signatures (first: %v)", n, load.signs.Load(), load.firstErr.Load())
 	}
 	if st, b, _ := call(t, "POST", base+"/keys/after/sign", key, msg); st != 200 {
 		t.Fatalf("sign with the key written after recovery: %d %s", st, b)
@@ -226,11 +146,11 @@ func TestSigningSurvivesPostgresDiskFull(t *testing.T) {
 	if st, b := fresh.Do("POST", "/keys/"+acked[len(acked)-1]+"/sign", key, msg); st != 200 {
 		t.Fatalf("sign on a fresh replica with the last key acknowledged on the full disk: %d %s", st, b)
 	}
-	if st, b := fresh.Do("POST", "/key-chain/"+chain.ID+"/sign", key, msg); st != 200 {
+	if st, b := fresh.Do("POST", "/key-chain/"+srv.chainID+"/sign", key, msg); st != 200 {
 		t.Fatalf("key-chain sign on a fresh replica: %d %s", st, b)
 	}
 	t.Logf("FIGURE postgres disk full (128 MiB tmpfs): %d writes still acknowledged on the full disk before the first 503 store_unavailable; /health reported the store down %s after the disk filled; PostgreSQL panicked: %v; %d signatures (contract sign, key-chain sign and JWS), 0 errors; first successful write %s and /health healthy %s after the filler was removed (without restarting kmsgate); all %d acknowledged keys read back on a fresh replica",
-		len(acked)-1, detected.Round(time.Millisecond), panicked, signs.Load(), recovered.Round(time.Millisecond),
+		len(acked)-1, detected.Round(time.Millisecond), panicked, load.signs.Load(), recovered.Round(time.Millisecond),
 		healthy.Round(time.Millisecond), len(acked)+1)
 }
 

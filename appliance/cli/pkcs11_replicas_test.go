@@ -25,9 +25,8 @@ import (
 // generated through replica A signs through replica B. B finds the token object once by its
 // CKA_ID (one C_FindObjectsInit) and then signs from its handle cache without searching.
 func TestPKCS11AcrossReplicas(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts PostgreSQL, SoftHSM2 and two server processes")
-	}
+	testenv.NeedsBackend(t, "postgres")
+	testenv.NeedsBackend(t, "softhsm2")
 	hsm := testenv.NewSoftHSM(t, 1) // sets SOFTHSM2_CONF, which the server processes inherit
 	pg := testenv.StartPostgres(t)
 	dsn := pg.NewDatabase(t)

@@ -173,9 +173,7 @@ type loadResult struct {
 // intents and unreferenced sealed keys, which the survivors' periodic sweep (not a restart)
 // must remove: no orphaned backend key and no intent left.
 func TestKillReplicaUnderLoadPostgres(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts PostgreSQL and three server processes")
-	}
+	testenv.NeedsBackend(t, "postgres")
 	pg := testenv.StartPostgres(t)
 	dsn := pg.NewDatabase(t)
 	out, err := run(t, "tenant", "create", "acme", "--store", dsn, "--data-dir", t.TempDir())

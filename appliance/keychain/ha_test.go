@@ -201,9 +201,7 @@ func rotateAllDue(t *testing.T, r *replicas, n int) {
 // TestHARotationExactlyOncePostgres: three replicas on one PostgreSQL database, all chains due at
 // once, all three schedulers ticking concurrently.
 func TestHARotationExactlyOncePostgres(t *testing.T) {
-	if testing.Short() {
-		t.Skip("uses PostgreSQL")
-	}
+	testenv.NeedsBackend(t, "postgres")
 	r := newReplicas(t, openPostgresStore(t), 3)
 	rotateAllDue(t, r, dueChainCount(t))
 }
@@ -226,9 +224,7 @@ func TestHARotationBadger(t *testing.T) {
 // acknowledged description survives the concurrent rotations, each record has exactly one active
 // key, and no backend key is left behind by a write that lost.
 func TestHAConcurrentWritesPostgres(t *testing.T) {
-	if testing.Short() {
-		t.Skip("uses PostgreSQL")
-	}
+	testenv.NeedsBackend(t, "postgres")
 	r := newReplicas(t, openPostgresStore(t), 3)
 	ctx := context.Background()
 	const chains, rotationsPerReplica = 6, 4
@@ -312,9 +308,7 @@ func TestHAConcurrentWritesPostgres(t *testing.T) {
 // TestHARotationLeaseOfDeadReplica: a lease left by a replica that died blocks the chain's
 // rotation until it expires; then another replica rotates it once.
 func TestHARotationLeaseOfDeadReplica(t *testing.T) {
-	if testing.Short() {
-		t.Skip("uses PostgreSQL")
-	}
+	testenv.NeedsBackend(t, "postgres")
 	r := newReplicas(t, openPostgresStore(t), 3)
 	ctx := context.Background()
 	ids, before := r.createChains(t, 1)
