@@ -110,12 +110,12 @@ func (s *Service) bootstrap(ctx context.Context, tenant string, usages []string)
 		case prov == nil:
 			r.Status, r.Reason = BootSkipped, skip
 		default:
-			typ := TypeInternalChain
+			typ, use := TypeInternalChain, KeyUseSign
 			if usage == UsageEncrypt {
-				typ = TypeStandalone
+				typ, use = TypeStandalone, KeyUseEncrypt
 			}
 			r.Provider = prov.ID()
-			id, err := s.create(ctx, tenant, prov, usage, typ, "Generated at tenant creation", Policy{})
+			id, err := s.create(ctx, tenant, prov, usage, use, typ, "Generated at tenant creation", Policy{})
 			if err != nil {
 				r.Status, r.Reason, r.Code = BootFailed, bootReason(err), bootCode(err)
 				failed = append(failed, usage)

@@ -136,12 +136,16 @@ func TestBootstrapFailureRecordedAndRetried(t *testing.T) {
 	if err := st.Get(ctx, prefixBoot+"bank", &rec); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("record kept after a successful retry: %v", err)
 	}
-	list, _ := svc.List(ctx, "bank", "")
-	got := map[string]string{}
-	for _, c := range list {
-		got[c.UsageType] = c.KMSProvider
+	// Every chain, the encrypt chain included (List hides it).
+	all, err := svc.list(ctx, tenantPrefix("bank"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	if len(list) != 3 || got[UsageAccess] != "hsm" || got[UsageAttestation] != "hsm" || got[UsageEncrypt] != "db" {
+	got := map[string]string{}
+	for _, c := range all {
+		got[c.UsageType] = c.Provider
+	}
+	if len(all) != 3 || got[UsageAccess] != "hsm" || got[UsageAttestation] != "hsm" || got[UsageEncrypt] != "db" {
 		t.Fatalf("after retry: %v", got)
 	}
 	// A later tick creates nothing more.

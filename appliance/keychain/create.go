@@ -15,13 +15,15 @@ import (
 	"github.com/kmsgate/kmsgate/providers"
 )
 
-// Create generates a chain (POST /key-chain) and returns its id.
+// Create generates a chain (POST /key-chain) and returns its id. Every chain it makes is a
+// signing chain with a certificate, usageType encrypt included: that is what EUDIPLO does (it
+// has no special case), and the tenant's ECDH encrypt chain is made only by the bootstrap.
 func (s *Service) Create(ctx context.Context, p *tenants.Principal, req CreateRequest) (string, error) {
 	if err := validateUsage(req.UsageType); err != nil {
 		return "", err
 	}
 	if req.Type != TypeStandalone && req.Type != TypeInternalChain {
-		return "", badRequest("validation_failed", "type must be standalone or internalChain (got %q)", req.Type)
+		return "", badField(IssueInvalidValue, []any{"type"}, "validation_failed", "type must be standalone or internalChain (got %q)", req.Type)
 	}
 	if err := validateDescription(req.Description); err != nil {
 		return "", err
@@ -31,7 +33,7 @@ func (s *Service) Create(ctx context.Context, p *tenants.Principal, req CreateRe
 	}
 	prov, err := s.ten.ProviderFor(ctx, p, req.KMSProvider, s.reg)
 	if err != nil {
-		return "", err
+		return "", at(err, IssueInvalidValue, "kmsProvider")
 	}
 	var pol Policy
 	req.RotationPolicy.apply(&pol)
@@ -39,7 +41,7 @@ func (s *Service) Create(ctx context.Context, p *tenants.Principal, req CreateRe
 	if req.Description != nil {
 		desc = *req.Description
 	}
-	return s.create(ctx, p.TenantID, prov, req.UsageType, req.Type, desc, pol)
+	return s.create(ctx, p.TenantID, prov, req.UsageType, KeyUseSign, req.Type, desc, pol)
 }
 
 func cannotCreate(prov providers.Provider) error {
@@ -47,7 +49,9 @@ func cannotCreate(prov providers.Provider) error {
 		WithCode("create_not_supported")
 }
 
-func (s *Service) create(ctx context.Context, tenant string, prov providers.Provider, usage, typ, desc string, pol Policy) (string, error) {
+// create makes a chain of usage type usage whose key is used as use (KeyUseSign or
+// KeyUseEncrypt).
+func (s *Service) create(ctx context.Context, tenant string, prov providers.Provider, usage, use, typ, desc string, pol Policy) (string, error) {
 	if !prov.Capabilities().CanCreate {
 		return "", cannotCreate(prov)
 	}
@@ -61,7 +65,7 @@ func (s *Service) create(ctx context.Context, tenant string, prov providers.Prov
 	}
 	defer release()
 	now := s.now()
-	c := &Chain{ID: uuid.NewString(), Tenant: tenant, Description: desc, UsageType: usage, Usage: KeyUseSign,
+	c := &Chain{ID: uuid.NewString(), Tenant: tenant, Description: desc, UsageType: usage, Usage: use,
 		Provider: prov.ID(), Rotation: pol, CreatedAt: now, UpdatedAt: now}
 	ks := s.lc.Begin()
 	if err := s.generateChain(ctx, c, prov, typ, name, ks); err != nil {
@@ -76,9 +80,8 @@ func (s *Service) create(ctx context.Context, tenant string, prov providers.Prov
 
 // generateChain fills c with freshly generated keys and certificates.
 func (s *Service) generateChain(ctx context.Context, c *Chain, prov providers.Provider, typ, name string, ks *keys.Batch) error {
-	if c.UsageType == UsageEncrypt {
+	if c.Usage == KeyUseEncrypt {
 		// The encrypt chain is an ECDH key: no certificate, never signs (EUDIPLO usage=encrypt).
-		c.Usage = KeyUseEncrypt
 		k, _, err := s.newKey(ctx, c, prov, c.ID+"-active", ks)
 		if err != nil {
 			return err
@@ -124,7 +127,7 @@ func (s *Service) newKey(ctx context.Context, c *Chain, prov providers.Provider,
 	if err != nil {
 		return store.KeyRef{}, ref, fmt.Errorf("generate key %s: %w", kid, err)
 	}
-	k, err := storedKey(ref, jwkAlg(c.UsageType))
+	k, err := storedKey(ref, jwkAlg(c.Usage))
 	return k, ref, err
 }
 
@@ -133,6 +136,6 @@ func (s *Service) importKey(ctx context.Context, c *Chain, prov providers.Provid
 	if err != nil {
 		return store.KeyRef{}, ref, fmt.Errorf("import key %s: %w", kid, err)
 	}
-	k, err := storedKey(ref, jwkAlg(c.UsageType))
+	k, err := storedKey(ref, jwkAlg(c.Usage))
 	return k, ref, err
 }

@@ -97,7 +97,7 @@ func (r *replicas) createChains(t *testing.T, n int) (ids []string, active map[s
 				if i >= n {
 					return
 				}
-				id, err := s.create(ctx, testTenant, prov, UsageAttestation, TypeStandalone, "",
+				id, err := s.create(ctx, testTenant, prov, UsageAttestation, KeyUseSign, TypeStandalone, "",
 					Policy{Enabled: true, IntervalDays: 1})
 				if err != nil {
 					errc <- err
@@ -364,7 +364,7 @@ func TestHAChainQuotaAcrossReplicas(t *testing.T) {
 			defer wg.Done()
 			s := r.svcs[i%3]
 			prov, _ := s.reg.Get("db")
-			_, err := s.create(ctx, testTenant, prov, UsageAttestation, TypeStandalone, "", Policy{})
+			_, err := s.create(ctx, testTenant, prov, UsageAttestation, KeyUseSign, TypeStandalone, "", Policy{})
 			switch {
 			case err == nil:
 				created.Add(1)
@@ -408,10 +408,10 @@ func TestHAChainQuotaAcrossReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	prov, _ := r.svcs[2].reg.Get("db")
-	if _, err := r.svcs[2].create(ctx, testTenant, prov, UsageAttestation, TypeStandalone, "", Policy{}); err != nil {
+	if _, err := r.svcs[2].create(ctx, testTenant, prov, UsageAttestation, KeyUseSign, TypeStandalone, "", Policy{}); err != nil {
 		t.Fatalf("create after a delete on another replica: %v", err)
 	}
-	if _, err := r.svcs[0].create(ctx, testTenant, prov, UsageAttestation, TypeStandalone, "", Policy{}); errs.CodeOf(err) != "quota_exceeded" {
+	if _, err := r.svcs[0].create(ctx, testTenant, prov, UsageAttestation, KeyUseSign, TypeStandalone, "", Policy{}); errs.CodeOf(err) != "quota_exceeded" {
 		t.Fatalf("create beyond the quota after the refill = %v, want quota_exceeded", err)
 	}
 }

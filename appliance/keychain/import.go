@@ -20,30 +20,33 @@ import (
 	"github.com/kmsgate/kmsgate/providers"
 )
 
-// parseImportKey checks a private JWK of an import request.
-func parseImportKey(field string, j *keyutil.JWK, usage string, exportable *bool) (*ecdsa.PrivateKey, error) {
+// parseImportKey checks a private JWK of an import request; ecdh admits an ECDH-ES alg (the
+// tenant's encrypt key).
+func parseImportKey(field string, j *keyutil.JWK, ecdh bool, exportable *bool) (*ecdsa.PrivateKey, error) {
 	if j == nil {
-		return nil, badRequest("validation_failed", "%s is required", field)
+		return nil, badField(IssueInvalidType, []any{field}, "validation_failed", "%s is required", field)
 	}
 	if j.D == "" {
 		msg := "%s must be a private JWK (\"d\" is missing): an import needs the private key"
 		if exportable != nil && !*exportable {
 			msg += "; this file was exported from an external provider, whose keys cannot leave the backend"
 		}
-		return nil, badRequest("invalid_key", msg, field)
+		return nil, badField(IssueCustom, []any{field, "d"}, "invalid_key", msg, field)
 	}
 	switch {
 	case j.Alg == "", j.Alg == providers.ES256:
-	case usage == UsageEncrypt && strings.HasPrefix(j.Alg, "ECDH-ES"):
+	case ecdh && isECDH(j.Alg):
 	default:
-		return nil, badRequest("invalid_key", "%s.alg must be ES256 (got %q)", field, j.Alg)
+		return nil, badField(IssueInvalidValue, []any{field, "alg"}, "invalid_key", "%s.alg must be ES256 (got %q)", field, j.Alg)
 	}
 	priv, err := keyutil.ParsePrivateJWK(*j)
 	if err != nil {
-		return nil, badRequest("invalid_key", "%s: %v", field, err)
+		return nil, badField(IssueCustom, []any{field}, "invalid_key", "%s: %v", field, err)
 	}
 	return priv, nil
 }
+
+func isECDH(alg string) bool { return strings.HasPrefix(alg, "ECDH-ES") }
 
 // Import stores a chain from an imported private key (POST /key-chain/import and config files)
 // and returns its id. An existing id is replaced (upsert). It has three modes, as EUDIPLO's import:
@@ -53,6 +56,10 @@ func parseImportKey(field string, j *keyutil.JWK, usage string, exportable *bool
 //  3. rotation on (or activeKey given, the internal-chain export form): the key is the root CA,
 //     its certificate is the last crt entry (validated: CA, key match) or generated, and a fresh
 //     leaf key is generated and certified by it — or activeKey/activeCrt are imported as the leaf.
+//
+// Like create, an import makes a signing chain whatever its usage type, encrypt included (as
+// EUDIPLO). The one exception is an ECDH-ES key under usageType encrypt: that is the tenant's
+// encrypt chain coming back (its export, or a config file), and it stays an encrypt chain.
 func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRequest) (string, error) {
 	if err := validateUsage(req.UsageType); err != nil {
 		return "", err
@@ -64,22 +71,23 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 		return "", err
 	}
 	if req.ID != "" && !idRe.MatchString(req.ID) {
-		return "", badRequest("validation_failed", "id must be 1-128 characters of A-Z a-z 0-9 . _ - starting with a letter or digit")
+		return "", badField(IssueInvalidFormat, []any{"id"}, "validation_failed", "id must be 1-128 characters of A-Z a-z 0-9 . _ - starting with a letter or digit")
 	}
-	priv, err := parseImportKey("key", req.Key, req.UsageType, req.PrivateKeyExportable)
+	encryptKey := req.UsageType == UsageEncrypt && req.Key != nil && isECDH(req.Key.Alg)
+	priv, err := parseImportKey("key", req.Key, encryptKey, req.PrivateKeyExportable)
 	if err != nil {
 		return "", err
 	}
 	rootMode := (req.RotationPolicy != nil && *req.RotationPolicy.Enabled) || req.ActiveKey != nil
-	if req.UsageType == UsageEncrypt && (len(req.Crt) > 0 || rootMode) {
-		return "", badRequest("validation_failed", "encrypt key chains carry no certificate and do not rotate through a CA: drop crt, activeKey and rotationPolicy.enabled")
+	if encryptKey && (len(req.Crt) > 0 || rootMode) {
+		return "", badField(IssueCustom, []any{"key", "alg"}, "validation_failed", "an ECDH-ES key makes an encrypt key chain, which carries no certificate and does not rotate through a CA: drop crt, activeKey and rotationPolicy.enabled, or import an ES256 key")
 	}
 	if req.ActiveKey == nil && len(req.ActiveCrt) > 0 {
-		return "", badRequest("validation_failed", "activeCrt needs activeKey")
+		return "", badField(IssueCustom, []any{"activeCrt"}, "validation_failed", "activeCrt needs activeKey")
 	}
 	prov, err := s.ten.ProviderFor(ctx, p, req.KMSProvider, s.reg)
 	if err != nil {
-		return "", err
+		return "", at(err, IssueInvalidValue, "kmsProvider")
 	}
 	caps := prov.Capabilities()
 	if !caps.CanImport {
@@ -117,7 +125,7 @@ func (s *Service) Import(ctx context.Context, p *tenants.Principal, req ImportRe
 	now := s.now()
 	c := &Chain{ID: id, Tenant: tenant, UsageType: req.UsageType, Usage: KeyUseSign, Provider: prov.ID(),
 		CreatedAt: now, UpdatedAt: now}
-	if req.UsageType == UsageEncrypt {
+	if encryptKey {
 		c.Usage = KeyUseEncrypt
 	}
 	if req.Description != nil {
@@ -235,14 +243,14 @@ func (s *Service) importRootMode(ctx context.Context, c *Chain, prov providers.P
 	var leafCerts []*x509.Certificate
 	if req.ActiveKey != nil {
 		var err error
-		if leafPriv, err = parseImportKey("activeKey", req.ActiveKey, req.UsageType, req.PrivateKeyExportable); err != nil {
+		if leafPriv, err = parseImportKey("activeKey", req.ActiveKey, false, req.PrivateKeyExportable); err != nil {
 			return err
 		}
 		if len(req.ActiveCrt) == 0 {
-			return badRequest("validation_failed", "activeCrt is required with activeKey")
+			return badField(IssueInvalidType, []any{"activeCrt"}, "validation_failed", "activeCrt is required with activeKey")
 		}
 		if root == nil {
-			return badRequest("validation_failed", "activeKey needs the root certificate in crt")
+			return badField(IssueCustom, []any{"crt"}, "validation_failed", "activeKey needs the root certificate in crt")
 		}
 		if leafCerts, err = validateChain("activeCrt", req.ActiveCrt, s.now()); err != nil {
 			return err
@@ -253,7 +261,7 @@ func (s *Service) importRootMode(ctx context.Context, c *Chain, prov providers.P
 		}
 		if last := leafCerts[n-1]; !bytes.Equal(last.Raw, root.Raw) {
 			if err := last.CheckSignatureFrom(root); err != nil {
-				return badCert("%s is not issued by the root certificate (last crt entry): %v", label("activeCrt", n-1, n), err)
+				return badEntry("activeCrt", n-1, "%s is not issued by the root certificate (last crt entry): %v", label("activeCrt", n-1, n), err)
 			}
 			leafCerts = append(leafCerts, root)
 			if err := checkChainSize("activeCrt", leafCerts); err != nil {

@@ -35,6 +35,13 @@ type tenantIndex struct {
 type indexEntry struct {
 	usageType string
 	createdAt time.Time
+	// encrypt marks the tenant's ECDH encrypt chain (usage=encrypt): it never signs, so signing
+	// by usage type passes over it.
+	encrypt bool
+}
+
+func newIndexEntry(usageType, use string, createdAt time.Time) indexEntry {
+	return indexEntry{usageType: usageType, createdAt: createdAt, encrypt: use == KeyUseEncrypt}
 }
 
 func newIndex() *index {
@@ -52,12 +59,13 @@ func (ix *index) tenant(ctx context.Context, s *Service, tenant string) (*tenant
 		var c struct {
 			ID        string    `json:"id"`
 			UsageType string    `json:"usageType"`
+			Usage     string    `json:"usage"`
 			CreatedAt time.Time `json:"createdAt"`
 		}
 		if err := json.Unmarshal(val, &c); err != nil {
 			return fmt.Errorf("decode key chain %q: %w", key, err)
 		}
-		ti.chains[c.ID] = indexEntry{usageType: c.UsageType, createdAt: c.CreatedAt}
+		ti.chains[c.ID] = newIndexEntry(c.UsageType, c.Usage, c.CreatedAt)
 		return nil
 	})
 	if err != nil {
@@ -96,7 +104,7 @@ func (ix *index) loadedTenant(tenant string) *tenantIndex {
 func (ix *index) put(c *Chain) {
 	ix.sign.drop(c.Tenant, c.ID)
 	if ti := ix.loadedTenant(c.Tenant); ti != nil {
-		ti.chains[c.ID] = indexEntry{usageType: c.UsageType, createdAt: c.CreatedAt}
+		ti.chains[c.ID] = newIndexEntry(c.UsageType, c.Usage, c.CreatedAt)
 		ti.mu.Unlock()
 	}
 }
@@ -119,7 +127,7 @@ func (ix *index) has(ctx context.Context, s *Service, tenant, id string) (bool, 
 	return ok, nil
 }
 
-// byUsage returns the ids of the tenant's chains of a usage type, oldest first.
+// byUsage returns the ids of the tenant's signing chains of a usage type, oldest first.
 func (ix *index) byUsage(ctx context.Context, s *Service, tenant, usage string) ([]string, error) {
 	ti, err := ix.tenant(ctx, s, tenant)
 	if err != nil {
@@ -131,7 +139,7 @@ func (ix *index) byUsage(ctx context.Context, s *Service, tenant, usage string) 
 	}
 	var hits []hit
 	for id, e := range ti.chains {
-		if e.usageType == usage {
+		if e.usageType == usage && !e.encrypt {
 			hits = append(hits, hit{id, e.createdAt})
 		}
 	}
@@ -149,7 +157,8 @@ func (ix *index) byUsage(ctx context.Context, s *Service, tenant, usage string) 
 	return out, nil
 }
 
-// usages returns the usage types the tenant has at least one chain of.
+// usages returns the usage types the tenant has at least one chain of, as the bootstrap counts
+// them: encrypt means the ECDH encrypt chain, not a signing chain whose usage type is encrypt.
 func (ix *index) usages(ctx context.Context, s *Service, tenant string) (map[string]bool, error) {
 	ti, err := ix.tenant(ctx, s, tenant)
 	if err != nil {
@@ -158,7 +167,12 @@ func (ix *index) usages(ctx context.Context, s *Service, tenant string) (map[str
 	defer ti.mu.Unlock()
 	have := map[string]bool{}
 	for _, e := range ti.chains {
-		have[e.usageType] = true
+		switch {
+		case e.encrypt:
+			have[UsageEncrypt] = true
+		case e.usageType != UsageEncrypt:
+			have[e.usageType] = true
+		}
 	}
 	return have, nil
 }

@@ -49,7 +49,7 @@ func (s *Service) signingChain(ctx context.Context, tenant, id string) (*Chain, 
 // Sign signs a message or a SHA-256 digest with the chain's active key (raw r‖s).
 func (s *Service) Sign(ctx context.Context, tenant, id string, req SignRequest) (*SignResult, error) {
 	if req.Alg != "" && req.Alg != providers.ES256 {
-		return nil, badRequest("unsupported_alg", "alg must be ES256 (got %q)", req.Alg)
+		return nil, badField(IssueInvalidValue, []any{"alg"}, "unsupported_alg", "alg must be ES256 (got %q)", req.Alg)
 	}
 	if (req.Data == nil) == (req.Digest == nil) {
 		return nil, badRequest("validation_failed", "send exactly one of data and digest")
@@ -79,16 +79,16 @@ func (s *Service) JWS(ctx context.Context, tenant, id string, req JWSRequest) (*
 		x5c = X5CLeaf
 	}
 	if x5c != X5CLeaf && x5c != X5CChain && x5c != X5CNone {
-		return nil, badRequest("validation_failed", "x5c must be leaf, chain or none (got %q)", req.X5C)
+		return nil, badField(IssueInvalidValue, []any{"x5c"}, "validation_failed", "x5c must be leaf, chain or none (got %q)", req.X5C)
 	}
 	var payload bytes.Buffer
 	if err := json.Compact(&payload, req.Payload); err != nil || payload.Len() == 0 {
-		return nil, badRequest("validation_failed", "payload must be JSON")
+		return nil, badField(IssueInvalidType, []any{"payload"}, "validation_failed", "payload must be JSON")
 	}
 	hdr := make(map[string]any, len(req.Header)+3)
 	for k, v := range req.Header {
 		if reservedHeaders[k] {
-			return nil, badRequest("validation_failed", "header %q is set by kmsgate and cannot be given", k)
+			return nil, badField(IssueCustom, []any{"header", k}, "validation_failed", "header %q is set by kmsgate and cannot be given", k)
 		}
 		hdr[k] = v
 	}
@@ -195,5 +195,5 @@ func (s *Service) ResolveUsage(ctx context.Context, tenant, usage string) (strin
 	if id != "" {
 		return id, nil
 	}
-	return "", errs.Errorf(errs.NotFound, "no key chain with usageType %q", usage).WithCode("key_chain_not_found")
+	return "", errs.Errorf(errs.NotFound, "no signing key chain with usageType %q", usage).WithCode("key_chain_not_found")
 }

@@ -562,26 +562,43 @@ func TestSignUpdateDeleteExportTenancy(t *testing.T) {
 	if rep, err := bootstrapped.svc.Bootstrap(ctx, testTenant); err != nil || len(rep.Failed()) != 0 {
 		t.Fatal(err, rep)
 	}
-	list, _ := bootstrapped.svc.List(ctx, testTenant, "")
+	all, err := bootstrapped.svc.list(ctx, tenantPrefix(testTenant))
+	if err != nil {
+		t.Fatal(err)
+	}
 	usages := map[string]string{}
-	for _, l := range list {
-		usages[l.UsageType] = l.Type
-		if l.UsageType == UsageEncrypt {
-			if l.ActiveCertificate != nil || l.KMSProvider != "db" {
-				t.Errorf("encrypt chain %+v", l)
+	encryptID := ""
+	for _, c := range all {
+		usages[c.UsageType] = c.Type()
+		if c.UsageType == UsageEncrypt {
+			encryptID = c.ID
+			if c.Usage != KeyUseEncrypt || c.ActiveCertificate != "" || c.Provider != "db" || c.Active.PublicJWK.Alg != "ECDH-ES" {
+				t.Errorf("encrypt chain %+v", c)
 			}
-			_, err := bootstrapped.svc.Sign(ctx, testTenant, l.ID, SignRequest{Data: []byte("x")})
+			_, err := bootstrapped.svc.Sign(ctx, testTenant, c.ID, SignRequest{Data: []byte("x")})
 			wantCode(t, err, errs.BadInput, "wrong_usage")
 		}
 	}
-	if len(list) != 3 || usages[UsageAccess] != TypeInternalChain || usages[UsageAttestation] != TypeInternalChain {
+	if len(all) != 3 || encryptID == "" || usages[UsageAccess] != TypeInternalChain || usages[UsageAttestation] != TypeInternalChain {
 		t.Fatalf("bootstrap made %v", usages)
 	}
+	// The encrypt chain is not listed (EUDIPLO lists usage=sign rows only), with or without the
+	// usageType filter, and is still read by id; signing by usage type encrypt finds no chain.
+	list, _ := bootstrapped.svc.List(ctx, testTenant, "")
+	enc, _ := bootstrapped.svc.List(ctx, testTenant, UsageEncrypt)
+	if len(list) != 2 || len(enc) != 0 {
+		t.Fatalf("listed %d chains (%d with usageType encrypt), want 2 (0)", len(list), len(enc))
+	}
+	if r, err := bootstrapped.svc.Get(ctx, testTenant, encryptID); err != nil || r.UsageType != UsageEncrypt || r.ActiveCertificate != nil {
+		t.Fatalf("encrypt chain by id: %+v %v", r, err)
+	}
+	_, err = bootstrapped.svc.ResolveUsage(ctx, testTenant, UsageEncrypt)
+	wantCode(t, err, errs.NotFound, "key_chain_not_found")
 	// Bootstrap again is a no-op; statusList falls back to attestation.
 	if rep, err := bootstrapped.svc.Bootstrap(ctx, testTenant); err != nil || len(rep.Chains) != 3 || rep.Chains[0].Status != BootSkipped {
 		t.Fatal(err, rep)
 	}
-	if l, _ := bootstrapped.svc.List(ctx, testTenant, ""); len(l) != 3 {
+	if l, _ := bootstrapped.svc.List(ctx, testTenant, ""); len(l) != 2 {
 		t.Fatalf("second bootstrap: %d chains", len(l))
 	}
 	sl, err := bootstrapped.svc.ResolveUsage(ctx, testTenant, UsageStatusList)

@@ -28,9 +28,10 @@ func sameKey(a, b store.KeyRef) bool {
 	return a.ProviderID == b.ProviderID && a.KID == b.KID && a.ExternalID == b.ExternalID
 }
 
-// jwkAlg is the alg published for a chain's keys: encrypt chains hold an ECDH-ES key.
-func jwkAlg(usage string) string {
-	if usage == UsageEncrypt {
+// jwkAlg is the alg published for a chain's keys: a chain whose key is used for encryption
+// holds an ECDH-ES key.
+func jwkAlg(use string) string {
+	if use == KeyUseEncrypt {
 		return "ECDH-ES"
 	}
 	return providers.ES256

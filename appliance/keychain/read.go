@@ -20,7 +20,9 @@ func (s *Service) Get(ctx context.Context, tenant, id string) (*Response, error)
 	return s.response(c), nil
 }
 
-// List returns the tenant's chains, optionally filtered by usage type.
+// List returns the tenant's signing chains, optionally filtered by usage type. The tenant's ECDH
+// encrypt chain (usage=encrypt) is left out, as EUDIPLO lists only usage=sign rows; Get still
+// reads it by id.
 func (s *Service) List(ctx context.Context, tenant, usageType string) ([]Response, error) {
 	if usageType != "" {
 		if err := validateUsage(usageType); err != nil {
@@ -33,7 +35,7 @@ func (s *Service) List(ctx context.Context, tenant, usageType string) ([]Respons
 	}
 	out := make([]Response, 0, len(chains))
 	for _, c := range chains {
-		if usageType == "" || c.UsageType == usageType {
+		if c.Usage != KeyUseEncrypt && (usageType == "" || c.UsageType == usageType) {
 			out = append(out, *s.response(c))
 		}
 	}
@@ -84,7 +86,7 @@ func (s *Service) Update(ctx context.Context, tenant, id string, req UpdateReque
 	return s.retryStale(ctx, tenant, id, func(c *Chain) error {
 		if req.ActiveCertificate != nil {
 			if c.Usage == KeyUseEncrypt {
-				return badRequest("validation_failed", "encrypt key chains carry no certificate")
+				return badField(IssueCustom, []any{fieldActiveCertificate}, "validation_failed", "encrypt key chains carry no certificate")
 			}
 			// Unlike EUDIPLO the replacement is validated: a chain whose leaf does not hold the active
 			// key would make every signature unverifiable.
@@ -92,7 +94,7 @@ func (s *Service) Update(ctx context.Context, tenant, id string, req UpdateReque
 			if err != nil {
 				return err
 			}
-			certs, err := validateChain("activeCertificate", entries, s.now())
+			certs, err := validateChain(fieldActiveCertificate, entries, s.now())
 			if err != nil {
 				return err
 			}
@@ -100,7 +102,7 @@ func (s *Service) Update(ctx context.Context, tenant, id string, req UpdateReque
 			if err != nil {
 				return err
 			}
-			if err := requireKeyMatch("activeCertificate", 0, len(certs), certs[0], pub, "chain's active key"); err != nil {
+			if err := requireKeyMatch(fieldActiveCertificate, 0, len(certs), certs[0], pub, "chain's active key"); err != nil {
 				return err
 			}
 			c.ActiveCertificate = pemChain(certs)
@@ -118,7 +120,7 @@ func (s *Service) Update(ctx context.Context, tenant, id string, req UpdateReque
 func pemEntries(s string) ([]string, error) {
 	out := splitPEMStrict(s)
 	if len(out) == 0 {
-		return nil, badCert("activeCertificate holds no PEM CERTIFICATE block")
+		return nil, at(badCert("activeCertificate holds no PEM CERTIFICATE block"), IssueCustom, fieldActiveCertificate)
 	}
 	return out, nil
 }

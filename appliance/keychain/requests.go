@@ -9,14 +9,16 @@ func validateDescription(d *string) error {
 		return nil
 	}
 	if !utf8.ValidString(*d) || utf8.RuneCountInString(*d) > MaxDescriptionLen {
-		return badRequest("validation_failed", "description must be valid UTF-8 of at most %d characters", MaxDescriptionLen)
+		return badField(IssueTooBig, []any{"description"}, "validation_failed",
+			"description must be valid UTF-8 of at most %d characters", MaxDescriptionLen)
 	}
 	return nil
 }
 
 func validateUsage(u string) error {
 	if !ValidUsageType(u) {
-		return badRequest("validation_failed", "usageType must be one of access, attestation, trustList, statusList, encrypt (got %q)", u)
+		return badField(IssueInvalidValue, []any{"usageType"}, "validation_failed",
+			"usageType must be one of access, attestation, trustList, statusList, encrypt (got %q)", u)
 	}
 	return nil
 }
@@ -26,12 +28,23 @@ func validatePolicy(p *PolicyInput, requireEnabled bool) error {
 		return nil
 	}
 	if requireEnabled && p.Enabled == nil {
-		return badRequest("validation_failed", "rotationPolicy.enabled is required")
+		return badField(IssueInvalidType, []any{"rotationPolicy", "enabled"}, "validation_failed",
+			"rotationPolicy.enabled is required")
 	}
-	for name, v := range map[string]*int{"intervalDays": p.IntervalDays, "certValidityDays": p.CertValidityDays} {
-		if v != nil && (*v < MinDays || *v > MaxDays) {
-			return badRequest("validation_failed", "rotationPolicy.%s must be between %d and %d (got %d)", name, MinDays, MaxDays, *v)
+	// In member order, so the first failure reported is always the same one.
+	for _, m := range []struct {
+		name string
+		v    *int
+	}{{"intervalDays", p.IntervalDays}, {"certValidityDays", p.CertValidityDays}} {
+		if m.v == nil || (*m.v >= MinDays && *m.v <= MaxDays) {
+			continue
 		}
+		issue := IssueTooBig
+		if *m.v < MinDays {
+			issue = IssueTooSmall
+		}
+		return badField(issue, []any{"rotationPolicy", m.name}, "validation_failed",
+			"rotationPolicy.%s must be between %d and %d (got %d)", m.name, MinDays, MaxDays, *m.v)
 	}
 	return nil
 }

@@ -179,7 +179,7 @@ func (s *Service) listAll(ctx context.Context) (map[string]map[string]indexEntry
 		if byTenant[c.Tenant] == nil {
 			byTenant[c.Tenant] = map[string]indexEntry{}
 		}
-		byTenant[c.Tenant][c.ID] = indexEntry{usageType: c.UsageType, createdAt: c.CreatedAt}
+		byTenant[c.Tenant][c.ID] = newIndexEntry(c.UsageType, c.Usage, c.CreatedAt)
 		active[chainRef{c.Tenant, c.ID}] = activeKey{c.Usage, c.Provider, c.Active.KID, c.Active.ExternalID, c.ActiveCertificate}
 		return nil
 	})

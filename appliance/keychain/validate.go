@@ -82,7 +82,12 @@ const (
 )
 
 func chainTooLong(field string, format string, args ...any) error {
-	return badRequest("chain_too_long", field+" "+format, args...)
+	return badField(IssueTooBig, []any{field}, "chain_too_long", field+" "+format, args...)
+}
+
+// badEntry is a certificate failure of entry i of field.
+func badEntry(field string, i int, format string, args ...any) error {
+	return at(badCert(format, args...), IssueCustom, entryPath(field, i)...)
 }
 
 // checkChainSize enforces MaxChainCerts and MaxChainDER on parsed certificates.
@@ -124,24 +129,24 @@ func validateChain(field string, entries []string, now time.Time) ([]*x509.Certi
 	for i, e := range entries {
 		c, err := parseCertEntry(e)
 		if err != nil {
-			return nil, badCert("%s %v", label(field, i, n), err)
+			return nil, badEntry(field, i, "%s %v", label(field, i, n), err)
 		}
 		pub, ok := c.PublicKey.(*ecdsa.PublicKey)
 		if !ok || pub.Curve != elliptic.P256() {
-			return nil, badCert("%s does not hold a P-256 EC public key", label(field, i, n))
+			return nil, badEntry(field, i, "%s does not hold a P-256 EC public key", label(field, i, n))
 		}
 		if now.Before(c.NotBefore) {
-			return nil, badCert("%s (subject %q) is not valid before %s", label(field, i, n), dnString(c.Subject),
+			return nil, badEntry(field, i, "%s (subject %q) is not valid before %s", label(field, i, n), dnString(c.Subject),
 				c.NotBefore.UTC().Format(time.RFC3339))
 		}
 		if now.After(c.NotAfter) {
-			return nil, badCert("%s (subject %q) expired at %s", label(field, i, n), dnString(c.Subject),
+			return nil, badEntry(field, i, "%s (subject %q) expired at %s", label(field, i, n), dnString(c.Subject),
 				c.NotAfter.UTC().Format(time.RFC3339))
 		}
 		sum := sha256.Sum256(c.Raw)
 		if j, dup := seen[sum]; dup {
-			return nil, badRequest("duplicate_certificate", "%s repeats %s: give each certificate once",
-				label(field, i, n), label(field, j, n))
+			return nil, at(badRequest("duplicate_certificate", "%s repeats %s: give each certificate once",
+				label(field, i, n), label(field, j, n)), IssueCustom, entryPath(field, i)...)
 		}
 		seen[sum] = i
 		certs[i] = c
@@ -152,11 +157,11 @@ func validateChain(field string, entries []string, now time.Time) ([]*x509.Certi
 	for i := 0; i+1 < n; i++ {
 		child, parent := certs[i], certs[i+1]
 		if !bytes.Equal(child.RawIssuer, parent.RawSubject) {
-			return nil, badCert("%s: its issuer %q is not the subject %q of %s: certificates must be leaf first and each one issued by the next",
+			return nil, badEntry(field, i, "%s: its issuer %q is not the subject %q of %s: certificates must be leaf first and each one issued by the next",
 				label(field, i, n), dnString(child.Issuer), dnString(parent.Subject), label(field, i+1, n))
 		}
 		if err := child.CheckSignatureFrom(parent); err != nil {
-			return nil, badCert("%s is not validly signed by %s: %v", label(field, i, n), label(field, i+1, n), err)
+			return nil, badEntry(field, i, "%s is not validly signed by %s: %v", label(field, i, n), label(field, i+1, n), err)
 		}
 	}
 	// After the order check, so a chain given root first is told to be leaf first, not a loop.
@@ -167,7 +172,7 @@ func validateChain(field string, entries []string, now time.Time) ([]*x509.Certi
 		last := certs[n-1]
 		if bytes.Equal(last.RawIssuer, last.RawSubject) && (last.BasicConstraintsValid && last.IsCA) {
 			if err := last.CheckSignatureFrom(last); err != nil {
-				return nil, badCert("%s: its self-signature does not verify: %v", label(field, n-1, n), err)
+				return nil, badEntry(field, n-1, "%s: its self-signature does not verify: %v", label(field, n-1, n), err)
 			}
 		}
 	}
@@ -186,8 +191,8 @@ func checkLoop(field string, certs []*x509.Certificate) error {
 				continue
 			}
 			if certs[j].CheckSignature(certs[i].SignatureAlgorithm, certs[i].RawTBSCertificate, certs[i].Signature) == nil {
-				return badRequest("chain_loop", "%s is issued by %s, which comes before it: the issuer links loop",
-					label(field, i, n), label(field, j, n))
+				return at(badRequest("chain_loop", "%s is issued by %s, which comes before it: the issuer links loop",
+					label(field, i, n), label(field, j, n)), IssueCustom, entryPath(field, i)...)
 			}
 		}
 	}
@@ -198,7 +203,7 @@ func checkLoop(field string, certs []*x509.Certificate) error {
 func requireKeyMatch(field string, i, n int, cert *x509.Certificate, pub *ecdsa.PublicKey, what string) error {
 	cp, _ := cert.PublicKey.(*ecdsa.PublicKey)
 	if !keyutil.SameKey(cp, pub) {
-		return badCert("%s: its public key does not match the %s", label(field, i, n), what)
+		return badEntry(field, i, "%s: its public key does not match the %s", label(field, i, n), what)
 	}
 	return nil
 }
@@ -206,10 +211,10 @@ func requireKeyMatch(field string, i, n int, cert *x509.Certificate, pub *ecdsa.
 // requireCA checks that cert may sign certificates.
 func requireCA(field string, i, n int, cert *x509.Certificate) error {
 	if !cert.BasicConstraintsValid || !cert.IsCA {
-		return badCert("%s is not a CA certificate (basicConstraints CA=true is required for the root)", label(field, i, n))
+		return badEntry(field, i, "%s is not a CA certificate (basicConstraints CA=true is required for the root)", label(field, i, n))
 	}
 	if cert.KeyUsage != 0 && cert.KeyUsage&x509.KeyUsageCertSign == 0 {
-		return badCert("%s lacks the keyCertSign key usage required for the root", label(field, i, n))
+		return badEntry(field, i, "%s lacks the keyCertSign key usage required for the root", label(field, i, n))
 	}
 	return nil
 }
