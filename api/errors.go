@@ -19,11 +19,15 @@ type Problem struct {
 	Code  string `json:"code"`
 }
 
-// apiError is an error that already knows its HTTP status and code.
+// apiError is an error that already knows its HTTP status and code. path and issue, when set,
+// place a 400 at a member of the request body (the /key-chain face reports them).
 type apiError struct {
 	status int
 	code   string
 	msg    string
+	path   []any
+	issue  string
+	keys   []string
 }
 
 func (e *apiError) Error() string { return e.msg }
@@ -48,43 +52,64 @@ var kindStatus = map[errs.Kind]struct {
 	errs.Forbidden:    {fiber.StatusForbidden, "forbidden"},
 }
 
-// errorHandler turns any error into a JSON problem. Unclassified errors are logged with their cause
-// and answered with a generic 500: a backend's internals never reach the caller.
-func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
-	status, code, msg := fiber.StatusInternalServerError, "internal", "internal error"
+// classified is what an error answers: status, stable code and caller-safe message, the
+// Retry-After (seconds, 0: none) and whether the cause must be logged (an unclassified error).
+type classified struct {
+	status     int
+	code, msg  string
+	retryAfter int
+	logCause   bool
+}
+
+// classify maps an error to its answer without side effects, so the /key-chain face can decide on
+// its body before anything is written or logged.
+func classify(err error) classified {
 	var ae *apiError
 	var fe *fiber.Error
 	var pe *errs.Error
 	switch {
 	case errors.As(err, &ae):
-		status, code, msg = ae.status, ae.code, ae.msg
+		return classified{status: ae.status, code: ae.code, msg: ae.msg}
 	case store.IsUnavailable(err):
 		// Checked before the outermost kind: a layer may have wrapped the store's failure in an
 		// error of its own, and the caller should still learn that retrying later helps.
-		status, code, msg = fiber.StatusServiceUnavailable, store.CodeUnavailable, "the store is unavailable; retry later"
-		c.Set(fiber.HeaderRetryAfter, strconv.Itoa(storeRetryAfter))
+		return classified{status: fiber.StatusServiceUnavailable, code: store.CodeUnavailable,
+			msg: "the store is unavailable; retry later", retryAfter: storeRetryAfter}
 	case errors.As(err, &pe) && pe.Kind != errs.Internal:
 		ks := kindStatus[pe.Kind]
-		status, code, msg = ks.status, ks.code, errs.PublicMessage(err)
+		cl := classified{status: ks.status, code: ks.code, msg: errs.PublicMessage(err)}
 		if pe.Code != "" {
-			code = pe.Code
+			cl.code = pe.Code
 		}
 		if ra := errs.RetryAfterOf(err); ra > 0 || pe.Kind == errs.Throttled || pe.Kind == errs.Unavailable {
-			secs := int(ra.Seconds() + 0.999)
-			if secs < 1 {
-				secs = 1
-			}
-			c.Set(fiber.HeaderRetryAfter, strconv.Itoa(secs))
+			cl.retryAfter = max(int(ra.Seconds()+0.999), 1)
 		}
+		return cl
 	case errors.Is(err, tenants.ErrTenantNotFound):
-		status, code, msg = fiber.StatusNotFound, "tenant_not_found", err.Error()
+		return classified{status: fiber.StatusNotFound, code: "tenant_not_found", msg: err.Error()}
 	case errors.As(err, &fe):
-		status, msg = fe.Code, fe.Message
-		code = fiberCode(fe.Code)
-	default:
+		return classified{status: fe.Code, code: fiberCode(fe.Code), msg: fe.Message}
+	}
+	return classified{status: fiber.StatusInternalServerError, code: "internal", msg: "internal error", logCause: true}
+}
+
+// errorHandler turns any error into a JSON problem. Unclassified errors are logged with their cause
+// and answered with a generic 500: a backend's internals never reach the caller.
+func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
+	cl := classify(err)
+	s.answered(c, cl, err)
+	return c.Status(cl.status).JSON(Problem{Error: cl.msg, Code: cl.code})
+}
+
+// answered does what every error answer does besides its body: Retry-After, and the log line of
+// an unclassified error.
+func (s *Server) answered(c *fiber.Ctx, cl classified, err error) {
+	if cl.retryAfter > 0 {
+		c.Set(fiber.HeaderRetryAfter, strconv.Itoa(cl.retryAfter))
+	}
+	if cl.logCause {
 		s.log.Error("request failed", "method", metrics.HTTPMethod(c.Method()), "route", s.routes[c.Route().Path], "error", err)
 	}
-	return c.Status(status).JSON(Problem{Error: msg, Code: code})
 }
 
 func fiberCode(status int) string {

@@ -32,36 +32,24 @@ type KeyChainService interface {
 	ResolveUsage(ctx context.Context, tenant, usage string) (string, error)
 }
 
-// mountKeyChains registers the /key-chain routes and the tenant-wide /jwks. Fixed paths
-// (providers, providers/health, import, usage/…) are registered before /:id so they win.
+// keyChainPrefixes are where the key-chain routes are served: bare (the older EUDIPLO API and its
+// e2e tests) and under EUDIPLO's global prefix "api", as upstream serves them in production.
+// Both are route templates of their own, so the metrics' route label stays a closed set.
+var keyChainPrefixes = []string{"/key-chain", "/api/key-chain"}
+
+// mountKeyChains registers the /key-chain routes under each prefix, with the same authentication,
+// roles and limits, and the tenant-wide /jwks (bare only: it is kmsgate's, not EUDIPLO's).
 func (s *Server) mountKeyChains(app *fiber.App) {
 	if s.KeyChains == nil {
 		return
 	}
+	for _, prefix := range keyChainPrefixes {
+		// kcErrors first, so a 400 from any handler of the group, authentication included, is
+		// answered in the two-sided body.
+		s.keyChainRoutes(app.Group(prefix, s.kcErrors, s.auth))
+	}
+
 	read := s.requireAnyRole(tenants.RoleManage, tenants.RoleSign)
-	manage := s.requireRole(tenants.RoleManage)
-	sign := s.requireRole(tenants.RoleSign)
-	// Export hands out private keys of db chains: only the dedicated export role, not manage.
-	export := s.requireRole(tenants.RoleExport)
-
-	kc := app.Group("/key-chain", s.auth)
-	kc.Get("/providers", read, s.kcProviders)
-	kc.Get("/providers/health", read, s.kcProvidersHealth)
-	kc.Post("/import", s.limited(s.createLimit, manage, s.kcImport)...)
-	// Sign by usage type: statusList falls back to the tenant's attestation chain.
-	kc.Post("/usage/:usage/jws", s.limited(s.signLimit, sign, s.kcUsage(s.kcJWS))...)
-	kc.Post("/usage/:usage/sign", s.limited(s.signLimit, sign, s.kcUsage(s.kcSign))...)
-	kc.Get("/", read, s.kcList)
-	kc.Post("/", s.limited(s.createLimit, manage, s.kcCreate)...)
-	kc.Get("/:id", read, s.kcGet)
-	kc.Put("/:id", manage, s.kcUpdate)
-	kc.Delete("/:id", manage, s.kcDelete)
-	kc.Post("/:id/rotate", s.limited(s.createLimit, manage, s.kcRotate)...)
-	kc.Get("/:id/export", export, s.kcExport)
-	kc.Post("/:id/sign", s.limited(s.signLimit, sign, s.kcSign)...)
-	kc.Post("/:id/jws", s.limited(s.signLimit, sign, s.kcJWS)...)
-	kc.Get("/:id/jwks", read, s.kcJWKS)
-
 	app.Get("/jwks", s.auth, read, func(c *fiber.Ctx) error {
 		set, err := s.KeyChains.TenantJWKS(c.UserContext(), principal(c).TenantID)
 		if err != nil {
@@ -69,6 +57,56 @@ func (s *Server) mountKeyChains(app *fiber.App) {
 		}
 		return c.JSON(set)
 	})
+}
+
+// keyChainRoutes registers the key-chain routes on r, one prefix's group. Fixed paths
+// (providers, providers/health, import, usage/…) are registered before /:id so they win.
+func (s *Server) keyChainRoutes(r fiber.Router) {
+	read := s.requireAnyRole(tenants.RoleManage, tenants.RoleSign)
+	manage := s.requireRole(tenants.RoleManage)
+	sign := s.requireRole(tenants.RoleSign)
+	// Export hands out private keys of db chains: only the dedicated export role, not manage.
+	export := s.requireRole(tenants.RoleExport)
+
+	r.Get("/providers", read, s.kcProviders)
+	r.Get("/providers/health", read, s.kcProvidersHealth)
+	// providers/config routes are mounted here (kcconfig)
+	r.Post("/import", s.limited(s.createLimit, manage, s.kcImport)...)
+	// Sign by usage type: statusList falls back to the tenant's attestation chain.
+	r.Post("/usage/:usage/jws", s.limited(s.signLimit, sign, s.kcUsage(s.kcJWS))...)
+	r.Post("/usage/:usage/sign", s.limited(s.signLimit, sign, s.kcUsage(s.kcSign))...)
+	r.Get("/", read, s.kcList)
+	r.Post("/", s.limited(s.createLimit, manage, s.kcCreate)...)
+	r.Get("/:id", read, s.kcGet)
+	r.Put("/:id", manage, s.kcUpdate)
+	r.Delete("/:id", manage, s.kcDelete)
+	r.Post("/:id/rotate", s.limited(s.createLimit, manage, s.kcRotate)...)
+	r.Get("/:id/export", export, s.kcExport)
+	r.Post("/:id/sign", s.limited(s.signLimit, sign, s.kcSign)...)
+	r.Post("/:id/jws", s.limited(s.signLimit, sign, s.kcJWS)...)
+	r.Get("/:id/jwks", read, s.kcJWKS)
+}
+
+// Success statuses of the key-chain writes without a result. EUDIPLO now answers 204 to all
+// three; the older API (and kmsgate before it) 200, 200 and 201, which KeyChainLegacyStatus
+// restores. Either way the body is empty.
+const (
+	legacyUpdateStatus = fiber.StatusOK
+	legacyDeleteStatus = fiber.StatusOK
+	legacyRotateStatus = fiber.StatusCreated
+)
+
+// noContent answers a key-chain write: 204, or status under the legacy switch; no body, no
+// content type.
+func (s *Server) noContent(c *fiber.Ctx, legacy int) error {
+	status := fiber.StatusNoContent
+	if s.KeyChainLegacyStatus {
+		status = legacy
+	}
+	c.Status(status)
+	c.Response().ResetBody()
+	c.Response().Header.Del(fiber.HeaderContentType)
+	return nil
 }
 
 // chainID is the :id of the route, or the id resolved from :usage by kcUsage. The param is
@@ -135,7 +173,7 @@ func (s *Server) kcGet(c *fiber.Ctx) error {
 
 func (s *Server) kcCreate(c *fiber.Ctx) error {
 	var req keychain.CreateRequest
-	if err := decodeJSON(c, &req); err != nil {
+	if err := kcDecode(c, &req); err != nil {
 		return err
 	}
 	id, err := s.KeyChains.Create(c.UserContext(), principal(c), req)
@@ -147,7 +185,7 @@ func (s *Server) kcCreate(c *fiber.Ctx) error {
 
 func (s *Server) kcImport(c *fiber.Ctx) error {
 	var req keychain.ImportRequest
-	if err := decodeJSON(c, &req); err != nil {
+	if err := kcDecode(c, &req); err != nil {
 		return err
 	}
 	id, err := s.KeyChains.Import(c.UserContext(), principal(c), req)
@@ -159,27 +197,27 @@ func (s *Server) kcImport(c *fiber.Ctx) error {
 
 func (s *Server) kcUpdate(c *fiber.Ctx) error {
 	var req keychain.UpdateRequest
-	if err := decodeJSON(c, &req); err != nil {
+	if err := kcDecode(c, &req); err != nil {
 		return err
 	}
 	if err := s.KeyChains.Update(c.UserContext(), principal(c).TenantID, chainID(c), req); err != nil {
 		return err
 	}
-	return c.SendStatus(fiber.StatusOK)
+	return s.noContent(c, legacyUpdateStatus)
 }
 
 func (s *Server) kcDelete(c *fiber.Ctx) error {
 	if err := s.KeyChains.Delete(c.UserContext(), principal(c).TenantID, chainID(c)); err != nil {
 		return err
 	}
-	return c.SendStatus(fiber.StatusOK)
+	return s.noContent(c, legacyDeleteStatus)
 }
 
 func (s *Server) kcRotate(c *fiber.Ctx) error {
 	if err := s.KeyChains.Rotate(c.UserContext(), principal(c).TenantID, chainID(c), "manual"); err != nil {
 		return err
 	}
-	return c.SendStatus(fiber.StatusCreated)
+	return s.noContent(c, legacyRotateStatus)
 }
 
 func (s *Server) kcExport(c *fiber.Ctx) error {
@@ -200,23 +238,24 @@ type kcSignBody struct {
 
 func (s *Server) kcSign(c *fiber.Ctx) error {
 	var b kcSignBody
-	if err := decodeJSON(c, &b); err != nil {
+	if err := kcDecode(c, &b); err != nil {
 		return err
 	}
 	if (b.Data == nil) == (b.Digest == nil) {
-		return problem(fiber.StatusBadRequest, "validation_failed", "send exactly one of data and digest (base64)")
+		return &apiError{status: fiber.StatusBadRequest, code: "validation_failed", msg: "send exactly one of data and digest (base64)",
+			path: []any{}, issue: keychain.IssueCustom}
 	}
 	req := keychain.SignRequest{Alg: b.Alg}
 	var err error
 	if b.Data != nil {
 		if req.Data, err = decodeB64("data", []byte(*b.Data)); err != nil {
-			return err
+			return placeAt(err, keychain.IssueInvalidFormat, "data")
 		}
 		if req.Data == nil {
 			req.Data = []byte{}
 		}
 	} else if req.Digest, err = decodeB64("digest", []byte(*b.Digest)); err != nil {
-		return err
+		return placeAt(err, keychain.IssueInvalidFormat, "digest")
 	} else if req.Digest == nil {
 		req.Digest = []byte{}
 	}
@@ -235,11 +274,12 @@ type kcJWSBody struct {
 
 func (s *Server) kcJWS(c *fiber.Ctx) error {
 	var b kcJWSBody
-	if err := decodeJSON(c, &b); err != nil {
+	if err := kcDecode(c, &b); err != nil {
 		return err
 	}
 	if len(b.Payload) == 0 {
-		return problem(fiber.StatusBadRequest, "validation_failed", "payload is required")
+		return &apiError{status: fiber.StatusBadRequest, code: "validation_failed", msg: "payload is required",
+			path: []any{"payload"}, issue: keychain.IssueInvalidType}
 	}
 	res, err := s.KeyChains.JWS(c.UserContext(), principal(c).TenantID, chainID(c),
 		keychain.JWSRequest{Payload: b.Payload, Header: b.Header, X5C: b.X5C})

@@ -62,7 +62,8 @@ func TestMetricsLabelsStayClosedUnderMixedTraffic(t *testing.T) {
 	methods := []string{"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"}
 	paths := []string{"/health", "/healthz", "/keys/k1", "/keys/k1/sign", "/keys/", "/key-chain", "/key-chain/x/sign",
 		"/nope", "/keys/%2e%2e/sign", "/" + strings.Repeat("a", 300), "/keys/k1/sign/extra", "/admin/tenants",
-		"/metricsX", "/jwks", "/keys/" + strings.Repeat("z", 200)}
+		"/metricsX", "/jwks", "/keys/" + strings.Repeat("z", 200), "/api/key-chain", "/api/key-chain/x/sign",
+		"/api/key-chain/" + strings.Repeat("y", 200), "/api/nope"}
 	client := &http.Client{Timeout: 10 * time.Second}
 	var wg sync.WaitGroup
 	errc := make(chan error, 8)

@@ -101,6 +101,9 @@ type Deps struct {
 	MetricsElsewhere bool
 	// OAuth serves the token endpoint and the discovery documents (nil: not mounted).
 	OAuth OAuthIssuer
+	// KeyChainLegacyStatus answers PUT, DELETE and rotate of /key-chain with the older API's
+	// 200, 200 and 201 instead of 204 (--keychain-legacy-status).
+	KeyChainLegacyStatus bool
 }
 
 // Server holds the API's dependencies.

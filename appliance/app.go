@@ -109,6 +109,9 @@ type Options struct {
 	SystemKeyProvider string
 	// TokenTTL is the lifetime of issued access tokens (0: authn.DefaultTokenTTL; more than 60s).
 	TokenTTL time.Duration
+	// KeyChainLegacyStatus answers /key-chain PUT, DELETE and rotate with the older EUDIPLO API's
+	// 200, 200 and 201 instead of 204, for clients written against it.
+	KeyChainLegacyStatus bool
 }
 
 // Appliance is a running kmsgate.
@@ -232,7 +235,8 @@ func Open(ctx context.Context, o Options) (*Appliance, error) {
 	a.health = newHealthMonitor(a.registry, a.metrics, a.log)
 	a.health.watchStore(a.store, o.storeOptions().Backend())
 	deps := api.Deps{Tenants: a.tenants, Keys: a.keys, Registry: a.registry, Health: a.health, Metrics: a.metrics,
-		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits(), Tokens: a.tokenVerifier(nil, "")}
+		Logger: a.log, MetricsElsewhere: o.MetricsListen != "", Limits: o.rateLimits(), Tokens: a.tokenVerifier(nil, ""),
+		KeyChainLegacyStatus: o.KeyChainLegacyStatus}
 	if err := a.setupKeyChains(ctx, &deps); err != nil {
 		a.Close()
 		return nil, err

@@ -71,6 +71,21 @@ func envBool(name string) bool {
 	return v == "1" || v == "true" || v == "yes"
 }
 
+// envBoolStrict reads a boolean variable (unset or empty: false). A value that is not a boolean
+// is an error, which serve reports before it starts: a switch that changes what clients read
+// must not fall back to its default on a typo.
+func envBoolStrict(name string) (bool, error) {
+	v := strings.TrimSpace(os.Getenv(name))
+	if v == "" {
+		return false, nil
+	}
+	b, err := strconv.ParseBool(strings.ToLower(v))
+	if err != nil {
+		return false, fmt.Errorf("%s=%q is not a boolean (use true or false, 1 or 0)", name, v)
+	}
+	return b, nil
+}
+
 // globalFlags are shared by every command that touches config or data.
 type globalFlags struct {
 	configDir string
@@ -135,11 +150,15 @@ func newVersionCmd(bi BuildInfo) *cobra.Command {
 
 func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 	o := appliance.Options{}
+	legacyStatus, legacyStatusErr := envBoolStrict("KMSGATE_KEYCHAIN_LEGACY_STATUS")
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the signing gateway",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) (err error) {
+			if legacyStatusErr != nil {
+				return legacyStatusErr
+			}
 			o.ConfigDir, o.DataDir = g.configDir, g.dataDir
 			so := g.storeOptions(nil)
 			o.Store, o.StorePasswordFile = so.URL, so.PasswordFile
@@ -213,6 +232,8 @@ func newServeCmd(g *globalFlags, bi BuildInfo) *cobra.Command {
 		"provider holding the system key that signs access tokens (default: kms.json defaultProvider; env KMSGATE_SYSTEM_KEY_PROVIDER)")
 	f.DurationVar(&o.TokenTTL, "token-ttl", envDuration("KMSGATE_TOKEN_TTL", authn.DefaultTokenTTL),
 		"lifetime of access tokens from /oauth2/token; more than 60s (env KMSGATE_TOKEN_TTL)")
+	f.BoolVar(&o.KeyChainLegacyStatus, "keychain-legacy-status", legacyStatus,
+		"answer /key-chain PUT, DELETE and rotate with the older API's 200, 200, 201 instead of 204 (env KMSGATE_KEYCHAIN_LEGACY_STATUS)")
 	return cmd
 }
 

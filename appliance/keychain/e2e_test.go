@@ -172,7 +172,8 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string, tweaks ...func(*app
 		t.Fatal(err)
 	}
 
-	// Bootstrap: access + attestation (internal CA) + encrypt (db).
+	// Bootstrap: access + attestation (internal CA) + encrypt (db). The encrypt chain is not
+	// listed (as EUDIPLO, which lists usage=sign rows only), filtered or not.
 	var list []chainResp
 	list = nil
 	apptest.JSON(t, do(t, in, "GET", "/key-chain", key, nil, 200), &list)
@@ -180,13 +181,16 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string, tweaks ...func(*app
 	for _, c := range list {
 		usages[c.UsageType] = c.Type
 	}
-	if len(list) != 3 || usages["access"] != "internalChain" || usages["attestation"] != "internalChain" || usages["encrypt"] == "" {
+	if len(list) != 2 || usages["access"] != "internalChain" || usages["attestation"] != "internalChain" {
 		t.Fatalf("bootstrap chains: %v", usages)
+	}
+	if n, err := in.App.KeyChains().Count(ctx, "t1"); err != nil || n != 3 {
+		t.Fatalf("bootstrap made %d chains (%v), want 3 with the unlisted encrypt chain", n, err)
 	}
 	list = nil
 	apptest.JSON(t, do(t, in, "GET", "/key-chain?usageType=encrypt", key, nil, 200), &list)
-	if len(list) != 1 || list[0].KMSProvider != "db" || list[0].ActiveCertificate != nil {
-		t.Fatalf("encrypt chain: %+v", list)
+	if len(list) != 0 {
+		t.Fatalf("encrypt chain listed: %+v", list)
 	}
 	do(t, in, "GET", "/key-chain?usageType=nope", key, nil, 400)
 
@@ -287,7 +291,7 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string, tweaks ...func(*app
 	do(t, in, "GET", "/key-chain/"+id+"/export", otherExp.Key, nil, 404)
 
 	// Update.
-	do(t, in, "PUT", "/key-chain/"+id, key, map[string]any{"description": "status lists", "rotationPolicy": map[string]any{"certValidityDays": 30}}, 200)
+	do(t, in, "PUT", "/key-chain/"+id, key, map[string]any{"description": "status lists", "rotationPolicy": map[string]any{"certValidityDays": 30}}, 204)
 	do(t, in, "PUT", "/key-chain/"+id, key, map[string]any{"activeCertificate": cr.RootCertificate.PEM}, 400)
 	apptest.JSON(t, do(t, in, "GET", "/key-chain/"+id, key, nil, 200), &cr)
 	if cr.Description != "status lists" || cr.RotationPolicy["certValidityDays"] != float64(30) || cr.RotationPolicy["intervalDays"] != float64(1) {
@@ -314,7 +318,7 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string, tweaks ...func(*app
 	newChain := certsOf(t, cr.ActiveCertificate.PEM)
 	opensslVerifyChain(t, clock.now(), root, newChain[0])
 	// Manual rotate → 201; both rotated-out keys stay until their own grace ends.
-	do(t, in, "POST", "/key-chain/"+id+"/rotate", key, nil, 201)
+	do(t, in, "POST", "/key-chain/"+id+"/rotate", key, nil, 204)
 	// After the grace period the scheduler removes the previous keys from the JWKS and the backend.
 	refsMid, _ := in.App.KeyChains().KeyRefs(ctx, "t1", id)
 	prevRef := refsMid["previous"]
@@ -372,9 +376,9 @@ func RunChainSuite(t *testing.T, kmsJSON, providerID string, tweaks ...func(*app
 		t.Fatal("external provider export holds private material")
 	}
 
-	// Delete → 200, then 404; its keys are gone from the backend.
+	// Delete → 204, then 404; its keys are gone from the backend.
 	refs, _ := in.App.KeyChains().KeyRefs(ctx, "t1", id)
-	do(t, in, "DELETE", "/key-chain/"+id, key, nil, 200)
+	do(t, in, "DELETE", "/key-chain/"+id, key, nil, 204)
 	do(t, in, "GET", "/key-chain/"+id, key, nil, 404)
 	if prov.Type() != providers.TypeDB && prov.Capabilities().CanDelete {
 		for name, r := range refs {
@@ -513,9 +517,10 @@ func TestConfigFolderImport(t *testing.T) {
 	if _, ok := ids["unset"]; ok {
 		t.Fatal("file with an unset placeholder was imported")
 	}
-	// The tenant was created by the folder and bootstrapped with what the folder lacked (encrypt).
-	if len(list) != 3 {
-		t.Fatalf("want att, access and a bootstrapped encrypt chain, got %d", len(list))
+	// The tenant was created by the folder and bootstrapped with what the folder lacked (encrypt,
+	// which is not listed).
+	if n, err := in.App.KeyChains().Count(context.Background(), "acme"); len(list) != 2 || err != nil || n != 3 {
+		t.Fatalf("want att and access listed and a bootstrapped encrypt chain, got %d listed of %d (%v)", len(list), n, err)
 	}
 	attKid := ids["att"].ActivePublicKey["kid"]
 	in.Stop()
@@ -525,8 +530,8 @@ func TestConfigFolderImport(t *testing.T) {
 	in, key = start(false)
 	list = nil
 	apptest.JSON(t, do(t, in, "GET", "/key-chain", key, nil, 200), &list)
-	if len(list) != 3 {
-		t.Fatalf("restart created chains: %d", len(list))
+	if n, _ := in.App.KeyChains().Count(context.Background(), "acme"); len(list) != 2 || n != 3 {
+		t.Fatalf("restart created chains: %d listed of %d", len(list), n)
 	}
 	var att chainResp
 	apptest.JSON(t, do(t, in, "GET", "/key-chain/att", key, nil, 200), &att)
@@ -541,7 +546,7 @@ func TestConfigFolderImport(t *testing.T) {
 	apptest.JSON(t, do(t, in, "GET", "/key-chain/att", key, nil, 200), &att)
 	list = nil
 	apptest.JSON(t, do(t, in, "GET", "/key-chain", key, nil, 200), &list)
-	if att.Description != "changed" || len(list) != 3 {
+	if att.Description != "changed" || len(list) != 2 {
 		t.Fatalf("force did not re-import: %+v (%d chains)", att, len(list))
 	}
 	st, _ := in.Do(http.MethodGet, "/key-chain/"+stable, key, nil)
